@@ -1,0 +1,138 @@
+"""Check a shard directory against its manifest.
+
+    python -m sharding.verify data/shards [--decode]
+
+Checks each shard's sha256 and sample count, that its index matches the tar byte for byte, that
+every sample has all five members, and that no key appears twice. Exits non-zero on a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sharding.build import FORMAT, FORMAT_VERSION, MANIFEST
+from sharding.jpeg import JpegError, decode_check, parse_header
+from sharding.tario import parse_index
+
+EXPECTED_MEMBERS = ("bg.jpg", "fg_bg.jpg", "mask.jpg", "depth.jpg", "json")
+
+
+class VerifyError(Exception):
+    """The shards do not match the manifest; the message names the file."""
+
+
+def load_manifest(data_dir: Path) -> dict:
+    """Read and sanity-check ``manifest.json``."""
+    path = data_dir / MANIFEST
+    if not data_dir.is_dir():
+        raise VerifyError(f"{data_dir}: no such directory")
+    if not path.exists():
+        raise VerifyError(f"{path}: missing (the build did not finish, or this is not a shard dir)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise VerifyError(f"{path}: not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise VerifyError(
+            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
+            f", expected {FORMAT!r} version {FORMAT_VERSION}; rebuild with python -m sharding.build"
+        )
+    return manifest
+
+
+def verify_shard(data_dir: Path, shard: dict, decode: bool, seen: set[str]) -> int:
+    """Check one shard; return its sample count. ``seen`` collects keys across shards."""
+    tar_path, idx_path = data_dir / shard["file"], data_dir / shard["index"]
+    for path in (tar_path, idx_path):
+        if not path.exists():
+            raise VerifyError(f"{path}: missing")
+    data = tar_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+        raise VerifyError(f"{tar_path}: sha256 does not match the manifest")
+    try:
+        index = parse_index(idx_path.read_text())
+    except ValueError as e:
+        raise VerifyError(f"{idx_path}: {e}") from None
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    with tarfile.open(tar_path) as tar:
+        for info in tar:
+            key, _, ext = info.name.partition(".")
+            samples.setdefault(key, {})[ext] = info
+    if len(samples) != shard["samples"] or len(index) != shard["samples"]:
+        raise VerifyError(
+            f"{tar_path}: manifest says {shard['samples']} samples, tar has {len(samples)}, "
+            f"index has {len(index)}"
+        )
+    for components in index:
+        for ext, offset, size, name in components:
+            info = samples.get(name.partition(".")[0], {}).get(ext)
+            if info is None or info.offset_data != offset or info.size != size:
+                raise VerifyError(f"{idx_path}: entry for {name} does not match the tar")
+    for key, members in samples.items():
+        missing = [ext for ext in EXPECTED_MEMBERS if ext not in members]
+        if missing:
+            raise VerifyError(f"{tar_path}: sample {key} lacks {', '.join(missing)}")
+        if key in seen:
+            raise VerifyError(f"{tar_path}: sample {key} appears in more than one place")
+        seen.add(key)
+        for ext in EXPECTED_MEMBERS[:4]:
+            info = members[ext]
+            blob = data[info.offset_data : info.offset_data + info.size]
+            try:
+                parse_header(blob)
+                if decode:
+                    decode_check(blob)
+            except JpegError as e:
+                raise VerifyError(f"{tar_path}: {info.name}: {e}") from None
+    return len(samples)
+
+
+def verify(data_dir: Path, decode: bool = False, progress: bool = True) -> dict:
+    """Verify every shard listed in the manifest; return per-split sample counts."""
+    manifest = load_manifest(data_dir)
+    counts = {}
+    seen: set[str] = set()
+    for split, info in manifest["splits"].items():
+        total = 0
+        for shard in tqdm(
+            info["shards"], desc=f"verify {split}", disable=None if progress else True
+        ):
+            total += verify_shard(data_dir, shard, decode, seen)
+        if total != info["samples"]:
+            raise VerifyError(
+                f"{data_dir / MANIFEST}: {split} lists {info['samples']} samples, "
+                f"shards hold {total}"
+            )
+        counts[split] = total
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m sharding.verify",
+        description="Check shards against manifest.json: sha256, counts, indexes, completeness.",
+    )
+    p.add_argument("data", type=Path, help="shard directory (with manifest.json)")
+    p.add_argument("--decode", action="store_true", help="also decode every JPEG fully")
+    a = p.parse_args(argv)
+    try:
+        counts = verify(a.data, decode=a.decode)
+    except VerifyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (OSError, tarfile.TarError) as e:
+        print(f"error: {a.data}: {e}", file=sys.stderr)
+        return 1
+    print(f"ok: {a.data}: " + ", ".join(f"{k} {v} samples" for k, v in counts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny zips in the real layout, and shards built from them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sharding.build import ShardConfig, build
+from sharding.synth import SynthConfig, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+EVA_ASSETS = ROOT.parent / "shared" / "eva-assets"
+
+# 2 batches x 2 foregrounds x 4 backgrounds x 2 flips x 2 placements = 64 samples, 32 per split.
+TINY = dict(batches=2, backgrounds=4, foregrounds=4, placements=2, seed=0)
+TINY_PER_SHARD = 8
+
+
+def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` or a script from the repository root, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=kwargs.pop("cwd", ROOT),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,
+    )
+
+
+def make_shards(zips_dir: Path, out: Path, **overrides) -> Path:
+    zips = tuple(str(p) for p in sorted(zips_dir.glob("batch*_images.zip")))
+    cfg = ShardConfig(zips=zips, out=str(out), samples_per_shard=TINY_PER_SHARD, **overrides)
+    build(cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_zips(tmp_path_factory) -> Path:
+    """Two single-channel batch zips (batch2 is the test split)."""
+    out = tmp_path_factory.mktemp("zips")
+    generate(SynthConfig(out=str(out), **TINY), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_zips_rgb(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zips_rgb")
+    generate(SynthConfig(out=str(out), rgb=True, **TINY), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_zips, tmp_path_factory) -> Path:
+    """A single-channel shard directory with manifest: 32 train and 32 test samples."""
+    return make_shards(tiny_zips, tmp_path_factory.mktemp("shards"))
+
+
+@pytest.fixture(scope="session")
+def tiny_shards_rgb(tiny_zips_rgb, tmp_path_factory) -> Path:
+    """The RGB counterpart of ``tiny_shards``."""
+    return make_shards(tiny_zips_rgb, tmp_path_factory.mktemp("shards_rgb"))
