@@ -582,3 +582,14 @@ def test_sharding_does_not_import_torch():
     )
     result = run_cli("-c", code)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_shard_vs_unzip_benchmark_runs_on_tiny_zips(tiny_zips, tmp_path):
+    out = tmp_path / "bench.json"
+    zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
+    result = run_cli("-m", "benchmarks.shard_vs_unzip", *zips, "--json", str(out), "--workers", "1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["samples"] == 64
+    assert report["unzip"]["seconds"] > 0 and report["build"]["seconds"] > 0
+    assert "build / unzip" in result.stdout
