@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import itertools
+import multiprocessing
 import os
 import sys
 import time
@@ -212,8 +213,24 @@ def _write_batch(args: tuple[SynthConfig, int]) -> tuple[str, int]:
                         put(f"mask_black_jpg/bg_mask_{stem}.jpg", _jpeg(mask, cfg.quality))
                         put(f"depth_fg_bg_jpg/depth_fg_bg_{stem}.jpg", _jpeg(depth, cfg.quality))
                         count += 1
+                        if count % 64 == 0:
+                            _report_progress(64)
     os.replace(tmp, out)
     return str(out), count
+
+
+_progress = None  # a shared sample counter, so the bar moves while a batch is being written
+
+
+def _init_worker(counter) -> None:
+    global _progress
+    _progress = counter
+
+
+def _report_progress(n: int) -> None:
+    if _progress is not None:
+        with _progress.get_lock():
+            _progress.value += n
 
 
 def generate(cfg: SynthConfig, progress: bool = True) -> list[Path]:
@@ -224,20 +241,23 @@ def generate(cfg: SynthConfig, progress: bool = True) -> list[Path]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, k) for k in range(1, cfg.batches + 1)]
-    total = sum(cfg.samples_per_batch)
-    paths: list[Path] = []
-    bar = tqdm(total=total, unit="sample", desc="synth", disable=None if progress else True)
+    counter = multiprocessing.Value("q", 0)
+    bar = tqdm(
+        total=sum(cfg.samples_per_batch),
+        unit="sample",
+        desc="synth",
+        disable=None if progress else True,
+    )
     try:
-        if cfg.workers > 1:
-            with ProcessPoolExecutor(cfg.workers) as pool:
-                for path, n in pool.map(_write_batch, jobs):
-                    paths.append(Path(path))
-                    bar.update(n)
-        else:
-            for job in jobs:
-                path, n = _write_batch(job)
-                paths.append(Path(path))
-                bar.update(n)
+        with ProcessPoolExecutor(
+            cfg.workers, initializer=_init_worker, initargs=(counter,)
+        ) as pool:
+            futures = [pool.submit(_write_batch, job) for job in jobs]
+            while not all(f.done() for f in futures):
+                time.sleep(0.2)
+                bar.update(counter.value - bar.n)
+            paths = [Path(f.result()[0]) for f in futures]
+        bar.update(bar.total - bar.n)
     finally:
         bar.close()
         for tmp in out.glob(".batch*_images.zip.tmp"):  # an interrupted batch leaves no zip

@@ -593,3 +593,10 @@ def test_shard_vs_unzip_benchmark_runs_on_tiny_zips(tiny_zips, tmp_path):
     assert report["samples"] == 64
     assert report["unzip"]["seconds"] > 0 and report["build"]["seconds"] > 0
     assert "build / unzip" in result.stdout
+
+
+def test_default_synth_config_is_the_full_400k_layout(tmp_path):
+    cfg = SynthConfig(out=str(tmp_path))
+    assert cfg.samples_per_batch == [40_000] * 10
+    assert [len(fgs) for fgs in cfg.fg_split()] == [10] * 10
+    assert sorted(f for fgs in cfg.fg_split() for f in fgs) == list(range(1, 101))
