@@ -1,0 +1,242 @@
+"""Time one training step of the UNet in each memory layout, dtype and compile mode.
+
+Usage: ``python -m benchmarks.model_step [--device cpu|cuda] [--batch-size N] [--steps N]
+[--warmup N] [--compile/--no-compile] [--json PATH] [--overwrite]``
+
+A step is forward, MaskDepthLoss, backward and an SGD update on random tensors, so the
+figures measure the model alone, with no data loading. bf16 autocast is timed on CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
+
+LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def make_batch(cfg: UNetConfig, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Random input and targets of the shapes the pipeline delivers."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(
+        batch_size, cfg.input_channels, cfg.mask_size, cfg.mask_size, generator=generator
+    )
+    mask = (
+        torch.rand(batch_size, 1, cfg.mask_size, cfg.mask_size, generator=generator) > 0.5
+    ).float()
+    depth = torch.rand(batch_size, 1, cfg.depth_size, cfg.depth_size, generator=generator)
+    return x.to(device), mask.to(device), depth.to(device)
+
+
+def time_config(
+    layout: str,
+    dtype: str,
+    compiled: bool,
+    device: torch.device,
+    batch_size: int,
+    steps: int,
+    warmup: int,
+) -> dict:
+    """Samples/s (and CUDA peak memory) of forward+backward+SGD in one configuration."""
+    torch.manual_seed(0)
+    memory_format = LAYOUTS[layout]
+    cfg = UNetConfig(channels_last=layout == "channels_last")
+    model = UNet(cfg).to(device)
+    loss_fn = MaskDepthLoss(LossConfig()).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x, mask, depth = make_batch(cfg, batch_size, device)
+    x = x.contiguous(memory_format=memory_format)
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            mask_logits, depth_pred = forward(x)
+            loss = loss_fn(mask_logits, depth_pred, mask, depth)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def sync() -> None:
+        # CUDA kernels are asynchronous: without a sync the clock would stop early.
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    # Warm-up also absorbs torch.compile's first-call compilation and cuDNN autotuning.
+    for _ in range(warmup):
+        step()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return {
+        "layout": layout,
+        "dtype": dtype,
+        "compile": compiled,
+        "samples_per_s": batch_size * steps / elapsed,
+        "step_ms": 1000 * elapsed / steps,
+        "peak_mem_bytes": peak,
+    }
+
+
+def cpu_name() -> str:
+    """CPU model name; platform.processor() is empty on most Linux systems."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    """What the figures were measured on."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return {
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "device": str(device),
+        "device_name": name,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    """Write ``payload`` so that ``path`` is either absent or complete, never half-written."""
+    tmp_path = path.with_name(path.name + ".tmp")
+    tmp_path.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp_path, path)
+
+
+def format_table(results: list[dict]) -> str:
+    """Fixed-width table of the results."""
+    lines = [f"{'layout':<15}{'dtype':<7}{'compile':<9}{'samples/s':>11}{'peak MiB':>10}"]
+    for row in results:
+        compile_mode = "yes" if row["compile"] else "no"
+        if row.get("error"):
+            lines.append(f"{row['layout']:<15}{row['dtype']:<7}{compile_mode:<9}  failed")
+            continue
+        peak = row["peak_mem_bytes"]
+        peak_text = f"{peak / 2**20:.0f}" if peak is not None else "-"
+        lines.append(
+            f"{row['layout']:<15}{row['dtype']:<7}{compile_mode:<9}"
+            f"{row['samples_per_s']:>11.1f}{peak_text:>10}"
+        )
+    return "\n".join(lines)
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose usage errors are one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = _OneLineParser(prog="python -m benchmarks.model_step", description=__doc__)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time torch.compile (default: on)",
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write results here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error(
+            f"--batch-size={args.batch_size} and --steps={args.steps} must be >= 1 "
+            f"and --warmup={args.warmup} >= 0"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda given but torch sees no CUDA device; use --device cpu")
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        parser.error(f"{args.json} exists; pass --overwrite to replace it")
+    if args.json is not None and not args.json.parent.is_dir():
+        parser.error(f"directory of --json {args.json} does not exist; create it first")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Time every configuration, print a table, optionally write JSON."""
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
+    if device.type == "cpu":
+        print("note: bf16 autocast is timed on CUDA only; skipped on CPU")
+    compile_modes = [False, True] if args.compile else [False]
+    results = []
+    for compiled in compile_modes:
+        for dtype in dtypes:
+            for layout in LAYOUTS:
+                try:
+                    row = time_config(
+                        layout, dtype, compiled, device, args.batch_size, args.steps, args.warmup
+                    )
+                except Exception as err:
+                    if not compiled:
+                        raise
+                    reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+                    print(f"torch.compile failed ({layout}, {dtype}): {reason}")
+                    row = {
+                        "layout": layout,
+                        "dtype": dtype,
+                        "compile": True,
+                        "samples_per_s": None,
+                        "step_ms": None,
+                        "peak_mem_bytes": None,
+                        "error": reason,
+                    }
+                results.append(row)
+                print(f"measured {layout} {dtype} compile={compiled}", flush=True)
+    print(format_table(results))
+    timed = [row for row in results if row["samples_per_s"] is not None]
+    fastest = max(timed, key=lambda row: row["samples_per_s"])
+    print(
+        f"fastest: {fastest['layout']} {fastest['dtype']} compile={fastest['compile']} "
+        f"at {fastest['samples_per_s']:.1f} samples/s (batch {args.batch_size}, {device})"
+    )
+    if args.json is not None:
+        payload = {
+            "machine": machine_info(device),
+            "settings": {
+                "batch_size": args.batch_size,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "model": {"widths": list(UNetConfig().widths), "in_channels": 3},
+            },
+            "results": results,
+            "fastest": {k: fastest[k] for k in ("layout", "dtype", "compile", "samples_per_s")},
+        }
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

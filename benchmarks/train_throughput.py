@@ -1,0 +1,175 @@
+"""End-to-end training throughput for each available loader, against an in-memory ceiling.
+
+Usage: ``python -m benchmarks.train_throughput --data DIR [--json PATH] [--batches N]
+[--batch-size N] [--widths 16,32,64,128,256] [--num-threads N] [--device auto|cpu|cuda]``
+
+Each loader (torch, dali-cpu, and dali-gpu when CUDA is there) feeds the same training steps
+as train.py (forward, loss, backward, SGD step, device sync); "synthetic" repeats one batch
+already in memory, so its samples/s is what the model alone allows. data_wait_share is the
+fraction of the wall time spent blocked on the next batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
+from pipeline import LoaderConfig, LoaderError, build_loader
+from train import Runtime, forward_loss, to_device, widths_type
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset dir with manifest.json")
+    p.add_argument("--json", help="also write the results here (atomically)")
+    p.add_argument("--batches", type=int, default=20, help="timed batches per loader")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--widths", type=widths_type, default=UNetConfig.widths)
+    p.add_argument("--num-threads", type=int, default=2)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p.parse_args(argv)
+
+
+def loader_variants(device: torch.device) -> dict[str, tuple[str, str]]:
+    """name -> (backend, batch device) for each loader this machine can run."""
+    variants = {"torch": ("torch", "cpu"), "dali-cpu": ("dali", "cpu")}
+    if device.type == "cuda":
+        variants["dali-gpu"] = ("dali", str(device))
+    return variants
+
+
+def endless(loader: Any) -> Iterator[dict[str, Any]]:
+    """Batches from epoch 0, 1, ... so a short split can feed any number of steps."""
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
+def time_steps(
+    batches: Iterator[dict[str, Any]],
+    count: int,
+    rt: Runtime,
+    channels: int,
+    widths: tuple[int, ...],
+) -> dict[str, float]:
+    """Samples/s and data-wait share of ``count`` training steps (after one untimed step)."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_channels=channels, widths=widths)).to(rt.device)
+    loss_fn = MaskDepthLoss(LossConfig()).to(rt.device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    samples = data_s = 0.0
+    start = 0.0
+    for step in range(count + 1):
+        if step == 1:  # the first step pays for allocator and pipeline warm-up
+            samples = data_s = 0.0
+            start = time.perf_counter()
+        tic = time.perf_counter()
+        batch = next(batches)
+        data_s += time.perf_counter() - tic
+        x, mask, depth = to_device(batch, rt)
+        losses, _, _ = forward_loss(model, loss_fn, x, mask, depth, rt)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        rt.sync()  # so GPU time is not hidden in the next data wait
+        samples += x.shape[0]
+    wall = time.perf_counter() - start
+    return {"samples_per_s": samples / wall, "data_wait_share": data_s / wall}
+
+
+def synthetic(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The same batch forever: no decoding, no augmentation, no copies."""
+    while True:
+        yield batch
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Time every loader and the synthetic ceiling; returns the JSON payload."""
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    rt = Runtime(
+        device=torch.device("cuda" if use_cuda else "cpu"),
+        amp=use_cuda,
+        memory_format=torch.channels_last,
+    )
+    results: dict[str, dict[str, float]] = {}
+    first_batch = None
+    for name, (backend, device) in loader_variants(rt.device).items():
+        cfg = LoaderConfig(
+            backend=backend, device=device, batch_size=args.batch_size, num_threads=args.num_threads
+        )
+        try:
+            loader = build_loader(args.data, "train", cfg)
+        except (LoaderError, ImportError) as e:
+            print(f"{name}: skipped ({str(e).splitlines()[0]})")
+            continue
+        batches = endless(loader)
+        results[name] = time_steps(batches, args.batches, rt, loader.channels, args.widths)
+        if first_batch is None:  # cloned: DALI reuses its output buffers for later batches
+            first_batch = {
+                k: v.clone() if torch.is_tensor(v) else v for k, v in next(batches).items()
+            }
+        print(f"{name}: {results[name]['samples_per_s']:.1f} samples/s")
+    if first_batch is not None:
+        channels = first_batch["bg"].shape[1]
+        in_memory = {
+            k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in first_batch.items()
+        }
+        results["synthetic"] = time_steps(
+            synthetic(in_memory), args.batches, rt, channels, args.widths
+        )
+    return {"machine": machine(rt.device), "config": vars(args), "results": results}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    """Loader, samples/s, data-wait share and the share of the in-memory ceiling."""
+    ceiling = results.get("synthetic", {}).get("samples_per_s")
+    print(f"{'loader':<10} {'samples/s':>10} {'data wait':>10} {'of ceiling':>11}")
+    for name, r in results.items():
+        share = f"{r['samples_per_s'] / ceiling:.0%}" if ceiling else "-"
+        print(f"{name:<10} {r['samples_per_s']:>10.1f} {r['data_wait_share']:>10.0%} {share:>11}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    args = parse_args(argv)
+    if not (Path(args.data) / "manifest.json").is_file():
+        print(f"train_throughput: error: no manifest.json in {args.data}", file=sys.stderr)
+        return 1
+    payload = run(args)
+    print_table(payload["results"])
+    if args.json:
+        path = Path(args.json)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, path)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

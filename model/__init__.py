@@ -1,0 +1,20 @@
+"""Depthwise-separable UNet for foreground mask and depth, with its loss and metrics.
+
+No file I/O happens in this package: data comes from ``pipeline``, checkpoints are
+written by ``train.py``.
+"""
+
+from model.losses import LossConfig, MaskDepthLoss, depth_ssim
+from model.metrics import MaskDepthMetrics
+from model.unet import RECOMMENDED_MEMORY_FORMAT, UNet, UNetConfig, count_parameters
+
+__all__ = [
+    "RECOMMENDED_MEMORY_FORMAT",
+    "LossConfig",
+    "MaskDepthLoss",
+    "MaskDepthMetrics",
+    "UNet",
+    "UNetConfig",
+    "count_parameters",
+    "depth_ssim",
+]

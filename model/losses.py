@@ -1,0 +1,108 @@
+"""Training loss: weighted mask BCE plus depth (1 - SSIM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim
+from torch import nn
+
+# pytorch_msssim's defaults; an 11-pixel window fits the 80x80 depth map with room to spare.
+SSIM_WIN_SIZE = 11
+SSIM_WIN_SIGMA = 1.5
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the two loss terms: ``total = mask_weight * bce + depth_weight * (1 - ssim)``."""
+
+    mask_weight: float = 2.0
+    depth_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mask_weight < 0 or self.depth_weight < 0:
+            raise ValueError(
+                f"mask_weight={self.mask_weight} and depth_weight={self.depth_weight} must be "
+                ">= 0: a negative weight would reward the model for getting worse"
+            )
+        if self.mask_weight == 0 and self.depth_weight == 0:
+            raise ValueError(
+                "mask_weight and depth_weight are both 0, so the loss is constant; set at least "
+                "one above 0 (defaults: mask_weight=2.0, depth_weight=1.0)"
+            )
+
+
+def gaussian_window(channels: int = 1) -> torch.Tensor:
+    """1-D Gaussian window in the layout ``pytorch_msssim.ssim(win=...)`` expects."""
+    coords = torch.arange(SSIM_WIN_SIZE, dtype=torch.float32) - SSIM_WIN_SIZE // 2
+    g = torch.exp(-(coords**2) / (2 * SSIM_WIN_SIGMA**2))
+    g = g / g.sum()
+    return g.reshape(1, 1, 1, -1).repeat(channels, 1, 1, 1)  # (C, 1, 1, win)
+
+
+def depth_ssim(
+    depth_pred: torch.Tensor,
+    depth_true: torch.Tensor,
+    win: torch.Tensor | None = None,
+    size_average: bool = True,
+) -> torch.Tensor:
+    """SSIM of depth maps in [0, 1], computed in fp32 even under autocast.
+
+    Returns a scalar, or one value per sample when ``size_average`` is False.
+    """
+    if depth_pred.shape != depth_true.shape:
+        raise ValueError(
+            f"depth prediction {tuple(depth_pred.shape)} and target {tuple(depth_true.shape)} "
+            "must have the same shape; the target depth map must be at the model's depth_size"
+        )
+    if min(depth_pred.shape[-2:]) < SSIM_WIN_SIZE:
+        raise ValueError(
+            f"depth maps of size {tuple(depth_pred.shape[-2:])} are smaller than the SSIM window "
+            f"({SSIM_WIN_SIZE}); use a depth_size of at least {SSIM_WIN_SIZE}"
+        )
+    # SSIM divides small variances; bf16 has 8 bits of mantissa, far too few for that.
+    with torch.autocast(device_type=depth_pred.device.type, enabled=False):
+        return ssim(
+            depth_pred.float(),
+            depth_true.float(),
+            data_range=1.0,
+            size_average=size_average,
+            win_size=SSIM_WIN_SIZE,
+            win_sigma=SSIM_WIN_SIGMA,
+            win=win,
+        )
+
+
+class MaskDepthLoss(nn.Module):
+    """``mask_weight * BCEWithLogits(mask) + depth_weight * (1 - SSIM(depth))``.
+
+    ``forward`` returns a dict of scalar tensors: ``loss`` (the total to backpropagate),
+    ``mask_bce`` and ``depth_ssim_loss`` (the unweighted terms, for logging). Move the
+    module to the training device so the SSIM window is not copied there every step.
+    """
+
+    def __init__(self, cfg: LossConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg if cfg is not None else LossConfig()
+        self.register_buffer("ssim_win", gaussian_window(1), persistent=False)
+
+    def forward(
+        self,
+        mask_logits: torch.Tensor,
+        depth_pred: torch.Tensor,
+        mask_true: torch.Tensor,
+        depth_true: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms for logits ``(B, 1, H, W)`` and depth in [0, 1] ``(B, 1, h, w)``."""
+        if mask_logits.shape != mask_true.shape:
+            raise ValueError(
+                f"mask logits {tuple(mask_logits.shape)} and target {tuple(mask_true.shape)} must "
+                "have the same shape; the target mask must be at the model's mask_size"
+            )
+        # fp32 so the BCE of confident pixels does not round to 0 under bf16 autocast.
+        mask_bce = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_true.float())
+        depth_ssim_loss = 1.0 - depth_ssim(depth_pred, depth_true, win=self.ssim_win)
+        total = self.cfg.mask_weight * mask_bce + self.cfg.depth_weight * depth_ssim_loss
+        return {"loss": total, "mask_bce": mask_bce, "depth_ssim_loss": depth_ssim_loss}

@@ -1,0 +1,235 @@
+"""Depthwise-separable UNet that predicts a foreground mask and a depth map.
+
+The network sees the background image and the foreground-on-background image concatenated
+on channels, ``(B, 2C, H, W)``. One encoder and one decoder are shared by both tasks; the
+depth head branches off the decoder at ``depth_size`` so the depth path never pays for the
+full-resolution decoder stages, and the mask path continues up to ``mask_size``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+# Measured with benchmarks/model_step.py: channels_last is the faster layout for this
+# network (depthwise 3x3 convs are memory-bound and the NHWC kernels avoid the per-channel
+# strided reads of NCHW). UNetConfig.channels_last defaults to it.
+RECOMMENDED_MEMORY_FORMAT = torch.channels_last
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape and width of the UNet.
+
+    Args:
+        in_channels: channels C of *one* image; the network input has 2*C channels
+            because bg and fg_bg are concatenated on channels.
+        widths: channels per resolution level, first at ``mask_size``, each next level at
+            half the resolution. ``len(widths) - 1`` is the number of 2x downsamplings.
+        mask_size: side of the square input and of the mask output.
+        depth_size: side of the depth output; ``mask_size / depth_size`` must be a power
+            of two and the depth head branches off the decoder at that resolution.
+        channels_last: keep weights and activations in NHWC; faster on CPU and CUDA.
+    """
+
+    in_channels: int = 3
+    widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    mask_size: int = 160
+    depth_size: int = 80
+    channels_last: bool = True
+
+    def __post_init__(self) -> None:
+        # A list from argparse or JSON would make the frozen config unhashable.
+        object.__setattr__(self, "widths", tuple(self.widths))
+        if self.in_channels < 1:
+            raise ValueError(
+                f"in_channels={self.in_channels} must be >= 1: it is the channel count of one "
+                "image (3 for RGB, 1 for grayscale)"
+            )
+        if len(self.widths) < 2 or any(w < 1 for w in self.widths):
+            raise ValueError(
+                f"widths={self.widths} must hold at least two positive channel counts, "
+                "one per resolution level, e.g. (16, 32, 64, 128, 256)"
+            )
+        stride = 2 ** (len(self.widths) - 1)
+        if self.mask_size % stride != 0:
+            raise ValueError(
+                f"mask_size={self.mask_size} must be divisible by {stride} because widths has "
+                f"{len(self.widths)} levels (each halves the resolution); use fewer widths or "
+                "a mask_size that is a multiple of it"
+            )
+        ratio = self.mask_size / self.depth_size if self.depth_size > 0 else 0.0
+        level = math.log2(ratio) if ratio >= 1 else -1.0
+        if not (level.is_integer() and 0 <= level < len(self.widths)):
+            raise ValueError(
+                f"depth_size={self.depth_size} must be mask_size={self.mask_size} divided by a "
+                f"power of two below 2**{len(self.widths)} so the depth head can branch off a "
+                "decoder level, e.g. depth_size=80 for mask_size=160"
+            )
+
+    @property
+    def depth_level(self) -> int:
+        """Index of the resolution level the depth head branches off (0 is mask_size)."""
+        return int(math.log2(self.mask_size // self.depth_size))
+
+    @property
+    def input_channels(self) -> int:
+        """Channels of the network input: bg and fg_bg concatenated."""
+        return 2 * self.in_channels
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Memory format the model keeps its weights and activations in."""
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+
+class SeparableConv(nn.Sequential):
+    """Depthwise 3x3, pointwise 1x1, BatchNorm, ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, in_channels, 3, padding=1, groups=in_channels, bias=False),
+            # No BN between the depthwise and pointwise convs: the pair is one linear map,
+            # and one BN after it keeps the op count down at full resolution.
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class DoubleSeparableConv(nn.Sequential):
+    """Two separable convs, the usual UNet stage."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            SeparableConv(in_channels, out_channels),
+            SeparableConv(out_channels, out_channels),
+        )
+
+
+class Stem(nn.Sequential):
+    """Dense 3x3 conv from the 2C input channels, then one separable conv."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            # Dense, not depthwise: a depthwise first conv could not compare the bg and
+            # fg_bg neighbourhoods, which is the main cue for the mask. With 2C <= 6 input
+            # channels it is cheap.
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            SeparableConv(out_channels, out_channels),
+        )
+
+
+class Down(nn.Sequential):
+    """2x max-pool, then a double separable conv."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(nn.MaxPool2d(2), DoubleSeparableConv(in_channels, out_channels))
+
+
+class Up(nn.Module):
+    """2x bilinear upsample, concatenate the encoder skip, double separable conv."""
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        # A module, not F.interpolate, so thop counts its ops in the summary.
+        self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.conv = DoubleSeparableConv(in_channels + skip_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """Upsample ``x`` to the size of ``skip`` and fuse them."""
+        return self.conv(torch.cat([self.upsample(x), skip], dim=1))
+
+
+class DepthHead(nn.Sequential):
+    """One separable conv, 1x1 conv to one channel, sigmoid to [0, 1]."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__(
+            # One extra conv so the depth output does not read the shared features raw:
+            # they are also being pulled toward the mask by the decoder above this level.
+            SeparableConv(in_channels, in_channels),
+            nn.Conv2d(in_channels, 1, 1),
+            nn.Sigmoid(),
+        )
+
+
+class UNet(nn.Module):
+    """Depthwise-separable UNet with a mask head and a depth head.
+
+    ``forward(x)`` takes ``(B, 2C, mask_size, mask_size)`` and returns the tuple
+    ``(mask_logits, depth)``: mask logits ``(B, 1, mask_size, mask_size)`` and depth in
+    [0, 1] ``(B, 1, depth_size, depth_size)``.
+    """
+
+    def __init__(self, cfg: UNetConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg if cfg is not None else UNetConfig()
+        widths = self.cfg.widths
+        self.encoder = nn.ModuleList(
+            [Stem(self.cfg.input_channels, widths[0])]
+            + [Down(widths[i - 1], widths[i]) for i in range(1, len(widths))]
+        )
+        # decoder[i] produces level i from level i + 1; the deepest level needs none.
+        self.decoder = nn.ModuleList(
+            [Up(widths[i + 1], widths[i], widths[i]) for i in range(len(widths) - 1)]
+        )
+        self.depth_head = DepthHead(widths[self.cfg.depth_level])
+        self.mask_head = nn.Conv2d(widths[0], 1, 1)
+        if self.cfg.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    @staticmethod
+    def input_from(bg: torch.Tensor, fg_bg: torch.Tensor) -> torch.Tensor:
+        """Concatenate bg ``(B, C, H, W)`` and fg_bg ``(B, C, H, W)`` into ``(B, 2C, H, W)``."""
+        if bg.shape != fg_bg.shape:
+            raise ValueError(
+                f"bg {tuple(bg.shape)} and fg_bg {tuple(fg_bg.shape)} must have the same shape "
+                "(B, C, H, W) to be concatenated on channels"
+            )
+        return torch.cat([bg, fg_bg], dim=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(mask_logits, depth)`` for ``x`` of shape ``(B, 2C, H, W)``."""
+        self._check_input(x)
+        # No-op when the caller already sends NHWC; otherwise one copy beats running every
+        # conv in the slower layout.
+        x = x.contiguous(memory_format=self.cfg.memory_format)
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        x = skips.pop()  # bottleneck, the deepest level
+        depth = self.depth_head(x) if self.cfg.depth_level == len(self.decoder) else None
+        for level in range(len(self.decoder) - 1, -1, -1):
+            x = self.decoder[level](x, skips[level])
+            if level == self.cfg.depth_level:
+                depth = self.depth_head(x)  # (B, 1, depth_size, depth_size)
+        mask_logits = self.mask_head(x)  # (B, 1, mask_size, mask_size)
+        return mask_logits, depth
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        stride = 2 ** (len(self.cfg.widths) - 1)
+        if x.dim() != 4 or x.shape[1] != self.cfg.input_channels:
+            raise ValueError(
+                f"input of shape {tuple(x.shape)} must be (B, {self.cfg.input_channels}, H, W): "
+                f"bg and fg_bg with in_channels={self.cfg.in_channels} each, concatenated by "
+                "UNet.input_from(bg, fg_bg)"
+            )
+        if x.shape[2] % stride or x.shape[3] % stride:
+            raise ValueError(
+                f"input size {tuple(x.shape[2:])} must be divisible by {stride} "
+                f"({len(self.cfg.widths) - 1} downsamplings); the model is built for "
+                f"{self.cfg.mask_size}x{self.cfg.mask_size}"
+            )
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters, each shared tensor counted once."""
+    # model.parameters() already deduplicates shared tensors, unlike summing per module.
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

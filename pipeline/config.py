@@ -1,0 +1,83 @@
+"""Loader configuration, its validation, and the rank/world resolution for DDP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "dali", "torch")
+LAST_BATCH = ("partial", "drop")
+SPLITS = ("train", "test")
+
+
+class LoaderError(RuntimeError):
+    """A dataset or loader problem the user can act on; the message names the path or value."""
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How batches are read, augmented and delivered; ``train.py`` fills it from argparse."""
+
+    backend: str = "auto"  # "auto" (DALI when it imports), "dali" or "torch"
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the batch tensors land
+    batch_size: int = 100
+    num_threads: int = 2  # DALI CPU threads, or DataLoader workers for the torch backend
+    seed: int = 0
+    augment: bool = True  # only ever applied to the "train" split
+    augment_targets: bool = False  # jitter and noise mask/depth too, as the reference did
+    brightness: float = 0.075
+    contrast: float = 0.075
+    saturation: float = 0.075  # colour data only
+    hue: float = 0.075  # colour data only; fraction of a full turn
+    noise_std: float = 0.05  # in [0, 1] pixel units
+    noise_prob: float = 0.2
+    last_batch: str = "partial"  # "partial" or "drop"
+    image_size: int = 160
+    depth_size: int = 80
+    mean: float = 0.5
+    std: float = 0.25
+    shard_id: int | None = None  # None: torch.distributed rank when initialised, else 0
+    num_shards: int | None = None  # None: torch.distributed world size when initialised, else 1
+    shuffle_buffer: int = 2048  # samples; the within-epoch shuffle on top of shard-order shuffling
+    return_params: bool = False  # debug: add the drawn augmentation parameters to each batch
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise LoaderError(f"backend={self.backend!r} is not one of {BACKENDS}")
+        if self.last_batch not in LAST_BATCH:
+            raise LoaderError(f"last_batch={self.last_batch!r} is not one of {LAST_BATCH}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise LoaderError(f"device={self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
+        for name in ("batch_size", "image_size", "depth_size", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise LoaderError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.num_threads < 0:
+            raise LoaderError(f"num_threads={self.num_threads} must be 0 or more")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0 <= getattr(self, name) < 1:
+                raise LoaderError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0 <= self.hue <= 0.5:
+            raise LoaderError(f"hue={self.hue} must be in [0, 0.5] (a fraction of a turn)")
+        if self.noise_std < 0 or not 0 <= self.noise_prob <= 1:
+            raise LoaderError(
+                f"noise_std={self.noise_std}, noise_prob={self.noise_prob}: "
+                "need noise_std >= 0 and 0 <= noise_prob <= 1"
+            )
+        if self.std <= 0:
+            raise LoaderError(f"std={self.std} must be positive")
+        if (self.shard_id is None) != (self.num_shards is None):
+            raise LoaderError("set both shard_id and num_shards, or neither")
+        if self.num_shards is not None and not 0 <= self.shard_id < self.num_shards:
+            raise LoaderError(
+                f"shard_id={self.shard_id} must be in [0, num_shards={self.num_shards})"
+            )
+
+
+def resolve_shard(cfg: LoaderConfig) -> tuple[int, int]:
+    """(shard_id, num_shards) from the config, else from torch.distributed, else (0, 1)."""
+    if cfg.num_shards is not None:
+        return cfg.shard_id, cfg.num_shards
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

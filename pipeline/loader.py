@@ -1,0 +1,140 @@
+"""``build_loader``: one entry point over the DALI and torch backends, with epoch semantics.
+
+An epoch is a pure function of (seed, epoch, shard_id): the shard order is permuted with
+(seed, epoch) identically on every rank, each rank takes its contiguous slice of the samples
+in that order (DALI's sharding rule), and shuffles within it with a seed from
+(seed, epoch, shard_id). Each ``epoch(e)`` starts fresh, so a resumed run sees the same data as
+an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from pipeline.augment import finish_batch, noise_bank
+from pipeline.config import SPLITS, LoaderConfig, LoaderError, resolve_shard
+from pipeline.source import DataSource, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+def dali_available() -> bool:
+    """True when nvidia.dali can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def derive_seed(*parts: int) -> int:
+    """A 31-bit seed from integers, stable across processes and Python versions."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def shard_span(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """[start, stop) of this rank's samples; DALI's rule, so both backends split alike."""
+    return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
+
+
+class Loader:
+    """Batches of one split for one rank; iterate ``loader.epoch(e)`` once per epoch."""
+
+    def __init__(self, source: DataSource, split: str, cfg: LoaderConfig, backend: str):
+        self.source, self.split, self.cfg, self.backend = source, split, cfg, backend
+        self.channels = source.channels
+        self.shard_id, self.num_shards = resolve_shard(cfg)
+        start, stop = shard_span(source.num_samples, self.shard_id, self.num_shards)
+        self.num_samples = stop - start
+        self.augment = cfg.augment and split == "train"
+        self.shuffle = split == "train"
+        self._bank = None
+
+    def __len__(self) -> int:
+        if self.cfg.last_batch == "drop":
+            return self.num_samples // self.cfg.batch_size
+        return -(-self.num_samples // self.cfg.batch_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"Loader({self.source.origin!r}, split={self.split!r}, backend={self.backend!r}, "
+            f"samples={self.num_samples}, batches={len(self)}, "
+            f"shard={self.shard_id}/{self.num_shards}, augment={self.augment})"
+        )
+
+    def shard_order(self, epoch: int) -> list:
+        """The shards in this epoch's order, the same on every rank."""
+        shards = list(self.source.shards)
+        if self.shuffle:
+            order = np.random.default_rng(derive_seed(self.cfg.seed, epoch)).permutation(
+                len(shards)
+            )
+            shards = [shards[i] for i in order]
+        return shards
+
+    def epoch(self, epoch: int) -> Iterator[dict]:
+        """Yield this rank's batches for ``epoch``; same (seed, epoch, shard) -> same batches."""
+        if epoch < 0:
+            raise LoaderError(f"epoch={epoch} must be 0 or more")
+        shards = self.shard_order(epoch)
+        seed = derive_seed(self.cfg.seed, epoch, self.shard_id)
+        if self.backend == "torch":
+            from pipeline import torch_backend
+
+            span = shard_span(self.source.num_samples, self.shard_id, self.num_shards)
+            yield from torch_backend.iterate_epoch(
+                shards, self.channels, self.cfg, epoch, seed, span, self.shuffle, self.augment
+            )
+            return
+        from pipeline import dali  # defer the DALI import: `import pipeline` works without it
+
+        bank = self._noise_bank() if self.augment else None
+        for raw, keys in dali.iterate_epoch(
+            shards,
+            self.channels,
+            self.source.sizes,
+            self.cfg,
+            seed,
+            (self.shard_id, self.num_shards),
+            self.shuffle,
+            self.num_samples,
+        ):
+            yield finish_batch(raw, keys, self.cfg, epoch, self.augment, bank)
+
+    def _noise_bank(self) -> torch.Tensor | None:
+        if self._bank is None and self.cfg.noise_std > 0:
+            self._bank = noise_bank(self.cfg.seed, self.cfg.device)
+        return self._bank
+
+
+def build_loader(source: str | os.PathLike, split: str, cfg: LoaderConfig) -> Loader:
+    """A loader over a dataset directory (with manifest.json) or a shard URL such as
+    'DIR/train-{000000..000003}.tar'; augmentation only ever applies to split "train"."""
+    if split not in SPLITS:
+        raise LoaderError(f"split={split!r} is not one of {SPLITS}")
+    backend = cfg.backend
+    if backend == "auto":
+        backend = "dali" if dali_available() else "torch"
+    elif backend == "dali" and not dali_available():
+        raise LoaderError(
+            "backend='dali' but nvidia.dali is not installed; "
+            "pip install nvidia-dali-cuda120, or use backend='torch'"
+        )
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoaderError(f"device={cfg.device!r} but CUDA is not available; use device='cpu'")
+    data = resolve_source(source, split)
+    loader = Loader(data, split, cfg, backend)
+    if loader.num_samples == 0:
+        raise LoaderError(
+            f"{data.origin}: rank {loader.shard_id} of {loader.num_shards} gets no samples "
+            f"of split {split!r} ({data.num_samples} in all)"
+        )
+    log.info("%r", loader)
+    return loader

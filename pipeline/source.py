@@ -1,0 +1,239 @@
+"""Find the shards of a split, from a dataset directory or a WebDataset URL, and check them early.
+
+Every check here is cheap (file sizes, tar magic, the index's last offset), so a missing,
+truncated or foreign file fails at ``build_loader`` with its path instead of deep inside a
+DALI worker thread or a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import LoaderError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+FORMAT = "maskdepth-shards"
+FORMAT_VERSION = 1
+PARTS = ("bg", "fg_bg", "mask", "depth")
+_TAR_BLOCK = 512
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar file, its DALI index (None when absent) and its sample count."""
+
+    path: str
+    index: str | None
+    samples: int
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The resolved shards of one split, with the stored image geometry."""
+
+    shards: tuple[Shard, ...]
+    channels: int  # of bg and fg_bg; mask and depth are always single-channel
+    sizes: dict  # part -> (height, width) as stored
+    origin: str  # what the user passed, for messages
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def resolve_source(source: str | os.PathLike, split: str) -> DataSource:
+    """Resolve a dataset directory (with manifest.json) or a brace URL into checked shards."""
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        return _from_manifest(Path(text), split)
+    if not os.path.exists(text) and not any(c in text for c in "{}") and ".tar" not in text:
+        raise LoaderError(
+            f"{text}: no such dataset directory (one with manifest.json) or shard file"
+        )
+    return _from_url(text)
+
+
+def _from_manifest(root: Path, split: str) -> DataSource:
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise LoaderError(
+            f"{manifest_path}: not found; build shards with `python -m sharding.build` "
+            "or pass a shard URL such as 'DIR/train-{000000..000009}.tar'"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise LoaderError(f"{manifest_path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise LoaderError(
+            f"{manifest_path}: format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise LoaderError(f"{manifest_path}: no split {split!r} (has {sorted(splits)})")
+    shards = []
+    for entry in splits[split]["shards"]:
+        path = root / entry["file"]
+        index = root / entry["index"] if entry.get("index") else None
+        if index is not None and not index.is_file():
+            raise LoaderError(f"{index}: DALI index listed in {manifest_path} is missing")
+        samples = check_shard(str(path), str(index) if index else None)
+        if samples != entry["samples"]:
+            raise LoaderError(
+                f"{path}: holds {samples} samples but {manifest_path} says {entry['samples']}; "
+                "the shard was replaced or the build was interrupted, rebuild it"
+            )
+        shards.append(Shard(str(path), str(index) if index else None, samples))
+    if not shards:
+        raise LoaderError(f"{manifest_path}: split {split!r} has no shards")
+    sizes = {
+        part: (int(info["size"][1]), int(info["size"][0]))
+        for part, info in manifest["images"].items()
+        if part in PARTS
+    }
+    return DataSource(tuple(shards), int(manifest["channels"]), sizes, str(root))
+
+
+def expand_url(url: str) -> list[str]:
+    """Expand a WebDataset brace pattern of local paths, rejecting what DALI cannot read."""
+    from braceexpand import UnbalancedBracesError, braceexpand
+
+    if "://" in url or url.startswith("pipe:"):
+        raise LoaderError(f"{url}: only local shard paths are supported, not URLs or pipes")
+    try:
+        paths = list(braceexpand(url))
+    except UnbalancedBracesError as exc:
+        raise LoaderError(f"{url}: bad shard pattern ({exc})") from exc
+    bad = [p for p in paths if "{" in p or "}" in p]
+    if bad:
+        raise LoaderError(
+            f"{url}: bad shard pattern, {bad[0]!r} is left unexpanded; "
+            "use e.g. 'DIR/train-{000000..000009}.tar'"
+        )
+    return paths
+
+
+def _from_url(url: str) -> DataSource:
+    shards = []
+    for path in expand_url(url):
+        index = path[: -len(".tar")] + ".idx" if path.endswith(".tar") else None
+        index = index if index and os.path.isfile(index) else None
+        shards.append(Shard(path, index, check_shard(path, index)))
+    channels, sizes = _probe_first_sample(shards[0].path)
+    return DataSource(tuple(shards), channels, sizes, url)
+
+
+def check_shard(path: str, index: str | None) -> int:
+    """Return the shard's sample count, or raise LoaderError naming what is wrong with it."""
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        raise LoaderError(f"{path}: shard not found") from None
+    except OSError as exc:
+        raise LoaderError(f"{path}: cannot read shard ({exc.strerror})") from None
+    with open(path, "rb") as f:
+        head = f.read(_TAR_BLOCK)
+    # Every tar member header carries "ustar" at byte 257; garbage or another format does not.
+    if len(head) < _TAR_BLOCK or head[257:262] != b"ustar":
+        raise LoaderError(f"{path}: not a tar archive (no ustar header); the shard is corrupt")
+    if index is None:
+        return _count_by_scan(path)
+    return _count_by_index(path, index, size)
+
+
+def _count_by_index(path: str, index: str, size: int) -> int:
+    try:
+        lines = Path(index).read_text().splitlines()
+        version, count = lines[0].split()
+        count = int(count)
+        entries = [line.split() for line in lines[1:] if line.strip()]
+        # Each entry is (ext, offset, size[, name]) repeated; the data must end inside the file.
+        end = max(
+            int(fields[i + 1]) + int(fields[i + 2])
+            for fields in entries
+            for i in range(0, len(fields), 4 if version == "v1.2" else 3)
+        )
+    except (OSError, ValueError, IndexError) as exc:
+        raise LoaderError(f"{index}: unreadable DALI index ({exc}); rebuild the shards") from exc
+    if count != len(entries):
+        raise LoaderError(f"{index}: header says {count} samples, lists {len(entries)}")
+    if end > size:
+        raise LoaderError(
+            f"{path}: truncated ({size} bytes, its index {index} needs {end}); "
+            "re-copy or rebuild the shard"
+        )
+    return count
+
+
+def _count_by_scan(path: str) -> int:
+    keys = set()
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                if member.isfile():
+                    keys.add(member.name.split(".", 1)[0])
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise LoaderError(f"{path}: corrupt or truncated tar ({exc})") from exc
+    return len(keys)
+
+
+def _probe_first_sample(path: str) -> tuple[int, dict]:
+    """Channels and stored sizes, read from the first sample (URL sources have no manifest)."""
+    from PIL import Image
+
+    found = {}
+    try:
+        with tarfile.open(path, "r:") as archive:
+            for member in archive:
+                ext = member.name.partition(".")[2]
+                part = ext[: -len(".jpg")] if ext.endswith(".jpg") else None
+                if part in PARTS and part not in found:
+                    data = archive.extractfile(member).read()
+                    with Image.open(io.BytesIO(data)) as image:
+                        found[part] = (image.mode, (image.height, image.width))
+                if len(found) == len(PARTS):
+                    break
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise LoaderError(f"{path}: corrupt or truncated tar ({exc})") from exc
+    missing = [p for p in PARTS if p not in found]
+    if missing:
+        raise LoaderError(f"{path}: first sample lacks {missing}; not a maskdepth shard")
+    channels = 1 if found["bg"][0] == "L" else 3
+    return channels, {part: size for part, (_, size) in found.items()}
+
+
+def find_undecodable(shards, budget_s: float = 60.0) -> str | None:
+    """'path: member: reason' for the first JPEG PIL cannot decode, or None (also on timeout).
+
+    Only called after a decode failure, to turn DALI's anonymous error into a named file.
+    """
+    from PIL import Image
+
+    deadline = time.monotonic() + budget_s
+    for shard in shards:
+        try:
+            with tarfile.open(shard.path, "r:") as archive:
+                for member in archive:
+                    if not member.name.endswith(".jpg"):
+                        continue
+                    if time.monotonic() > deadline:
+                        return None
+                    data = archive.extractfile(member).read()
+                    try:
+                        with Image.open(io.BytesIO(data)) as image:
+                            image.load()
+                    except (OSError, ValueError, SyntaxError) as exc:
+                        return f"{shard.path}: {member.name}: cannot decode ({exc})"
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            return f"{shard.path}: corrupt or truncated tar ({exc})"
+    return None

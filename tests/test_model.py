@@ -1,0 +1,336 @@
+"""The UNet, its loss, the summary CLI and the step benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_msssim import ssim
+from torch import nn
+
+from model import LossConfig, MaskDepthLoss, UNet, UNetConfig, count_parameters
+from model.summary import _thop_layer_macs, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+PARAM_BUDGET = 750_000
+
+
+def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run ``python -m ...`` from the repository root, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def random_inputs(cfg: UNetConfig, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, cfg.in_channels, cfg.mask_size, cfg.mask_size)
+    bg = torch.rand(shape, generator=generator)
+    fg_bg = torch.rand(shape, generator=generator)
+    return UNet.input_from(bg, fg_bg)
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_output_shapes_and_ranges(in_channels):
+    torch.manual_seed(0)
+    cfg = UNetConfig(in_channels=in_channels)
+    model = UNet(cfg)
+    x = random_inputs(cfg, batch=2)
+    assert x.shape == (2, 2 * in_channels, 160, 160)
+    mask_logits, depth = model(x)
+    assert mask_logits.shape == (2, 1, 160, 160)
+    assert depth.shape == (2, 1, 80, 80)
+    assert torch.isfinite(mask_logits).all() and torch.isfinite(depth).all()
+    assert depth.min() >= 0 and depth.max() <= 1
+    # Logits, not probabilities: a fresh net gives some negative values.
+    assert mask_logits.min() < 0
+
+
+@pytest.mark.parametrize(
+    ("depth_size", "depth_shape"),
+    [(160, (1, 1, 160, 160)), (40, (1, 1, 40, 40)), (10, (1, 1, 10, 10))],
+)
+def test_depth_head_can_branch_off_any_level(depth_size, depth_shape):
+    # 10 is the bottleneck level, where no decoder stage runs.
+    model = UNet(UNetConfig(depth_size=depth_size)).eval()
+    mask_logits, depth = model(random_inputs(model.cfg, batch=1))
+    assert mask_logits.shape == (1, 1, 160, 160)
+    assert depth.shape == depth_shape
+
+
+def test_every_parameter_gets_a_gradient():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig())
+    mask_logits, depth = model(random_inputs(model.cfg, batch=2))
+    (mask_logits.mean() + depth.mean()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
+    assert not zero, f"all-zero gradient for {zero}"
+
+
+def test_parameter_budget():
+    model = UNet(UNetConfig(in_channels=3))
+    params = count_parameters(model)
+    assert params <= PARAM_BUDGET
+    # Each tensor once: the same number as walking the unique parameter set by hand.
+    assert params == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert count_parameters(model, trainable_only=True) == params
+
+
+def test_count_parameters_counts_shared_weights_once():
+    shared = nn.Linear(10, 10)
+    tied = nn.Sequential(shared, shared)
+    assert count_parameters(tied) == 110
+
+
+def test_input_from_concatenates_bg_then_fg_bg():
+    bg = torch.zeros(2, 3, 8, 8)
+    fg_bg = torch.ones(2, 3, 8, 8)
+    x = UNet.input_from(bg, fg_bg)
+    assert x.shape == (2, 6, 8, 8)
+    assert x[:, :3].sum() == 0 and x[:, 3:].mean() == 1
+    with pytest.raises(ValueError, match="same shape"):
+        UNet.input_from(bg, torch.ones(2, 1, 8, 8))
+
+
+def test_forward_rejects_wrong_input():
+    model = UNet(UNetConfig(in_channels=3))
+    with pytest.raises(ValueError, match=r"must be \(B, 6, H, W\)"):
+        model(torch.rand(1, 2, 160, 160))
+    with pytest.raises(ValueError, match="divisible by 16"):
+        model(torch.rand(1, 6, 100, 100))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"in_channels": 0}, "in_channels=0"),
+        ({"widths": (16,)}, "at least two"),
+        ({"mask_size": 100}, "divisible by 16"),
+        ({"depth_size": 60}, "depth_size=60"),
+        ({"depth_size": 5}, "depth_size=5"),
+        ({"depth_size": 320}, "depth_size=320"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UNetConfig(**kwargs)
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        UNetConfig().in_channels = 1  # type: ignore[misc]
+
+
+def test_channels_last_matches_contiguous():
+    torch.manual_seed(0)
+    nchw = UNet(UNetConfig(channels_last=False)).eval()
+    nhwc = UNet(UNetConfig(channels_last=True)).eval()
+    nhwc.load_state_dict(nchw.state_dict())
+    assert nhwc.encoder[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = random_inputs(nchw.cfg, batch=2)
+    with torch.no_grad():
+        expected = nchw(x)
+        got = nhwc(x.contiguous(memory_format=torch.channels_last))
+        got_from_nchw_input = nhwc(x)
+    for e, g, h in zip(expected, got, got_from_nchw_input, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(h, g)
+
+
+def test_cpu_bf16_autocast_forward_and_loss():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig())
+    x = random_inputs(model.cfg, batch=2)
+    with torch.no_grad():
+        ref_logits, ref_depth = model.eval()(x)
+    model.train()
+    loss_fn = MaskDepthLoss()
+    mask = (torch.rand(2, 1, 160, 160) > 0.5).float()
+    depth_true = torch.rand(2, 1, 80, 80)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mask_logits, depth = model(x)
+        losses = loss_fn(mask_logits, depth, mask, depth_true)
+    assert mask_logits.dtype == torch.bfloat16
+    assert torch.isfinite(mask_logits.float()).all() and torch.isfinite(depth.float()).all()
+    # SSIM and BCE ran in fp32 despite autocast.
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    losses["loss"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_logits, bf16_depth = model.eval()(x)
+    # bf16 keeps ~3 significant digits: close to fp32, not equal.
+    assert (bf16_depth.float() - ref_depth).abs().max() < 0.05
+    assert (bf16_logits.float() - ref_logits).abs().mean() < 0.1
+
+
+def test_loss_terms_and_weights():
+    torch.manual_seed(0)
+    mask_logits = torch.randn(3, 1, 160, 160)
+    mask = (torch.rand(3, 1, 160, 160) > 0.5).float()
+    depth_pred = torch.rand(3, 1, 80, 80)
+    depth_true = torch.rand(3, 1, 80, 80)
+    losses = MaskDepthLoss(LossConfig())(mask_logits, depth_pred, mask, depth_true)
+    assert set(losses) == {"loss", "mask_bce", "depth_ssim_loss"}
+    bce = F.binary_cross_entropy_with_logits(mask_logits, mask)
+    ssim_loss = 1 - ssim(depth_pred, depth_true, data_range=1.0)
+    torch.testing.assert_close(losses["mask_bce"], bce)
+    torch.testing.assert_close(losses["depth_ssim_loss"], ssim_loss)
+    torch.testing.assert_close(losses["loss"], 2 * bce + ssim_loss)
+    depth_only = MaskDepthLoss(LossConfig(mask_weight=0.0, depth_weight=3.0))
+    total = depth_only(mask_logits, depth_pred, mask, depth_true)["loss"]
+    torch.testing.assert_close(total, 3 * ssim_loss)
+
+
+def test_loss_of_a_perfect_depth_is_zero():
+    depth = torch.rand(2, 1, 80, 80)
+    mask = torch.zeros(2, 1, 160, 160)
+    losses = MaskDepthLoss()(torch.full_like(mask, -30.0), depth, mask, depth)
+    assert losses["depth_ssim_loss"].abs() < 1e-5
+    assert losses["mask_bce"] < 1e-10
+
+
+def test_loss_rejects_mismatched_shapes():
+    loss_fn = MaskDepthLoss()
+    with pytest.raises(ValueError, match="depth_size"):
+        loss_fn(
+            torch.zeros(1, 1, 160, 160),
+            torch.zeros(1, 1, 80, 80),
+            torch.zeros(1, 1, 160, 160),
+            torch.zeros(1, 1, 160, 160),
+        )
+    with pytest.raises(ValueError, match="mask_size"):
+        loss_fn(
+            torch.zeros(1, 1, 160, 160),
+            torch.zeros(1, 1, 80, 80),
+            torch.zeros(1, 1, 80, 80),
+            torch.zeros(1, 1, 80, 80),
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"mask_weight": -1.0}, "must be >= 0"), ({"mask_weight": 0, "depth_weight": 0}, "both 0")],
+)
+def test_loss_config_rejects_bad_weights(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kwargs)
+
+
+def test_overfits_one_small_batch():
+    # A smooth depth ramp and a disc: learnable targets, unlike random noise.
+    torch.manual_seed(0)
+    cfg = UNetConfig()
+    model = UNet(cfg)
+    loss_fn = MaskDepthLoss()
+    x = random_inputs(cfg, batch=4, seed=1)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 160), torch.linspace(-1, 1, 160), indexing="ij")
+    offsets = torch.linspace(-0.4, 0.4, 4)
+    mask = torch.stack([((xx - o) ** 2 + yy**2 < 0.3).float() for o in offsets]).unsqueeze(1)
+    ramp = torch.linspace(0, 1, 80)
+    depth = torch.stack([ramp.outer(torch.ones(80)) * (0.5 + o) for o in offsets]).unsqueeze(1)
+    # lr 1e-2 passes 0.7x by step 5 and reaches ~0.4x by step 15; few steps keep this fast.
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    history = []
+    for _ in range(15):
+        mask_logits, depth_pred = model(x)
+        loss = loss_fn(mask_logits, depth_pred, mask, depth)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append(loss.item())
+    assert history[-1] < 0.7 * history[0], history
+
+
+def test_summarize_counts_match_the_model():
+    cfg = UNetConfig()
+    summary = summarize(cfg)
+    model = UNet(cfg)
+    assert summary["params"] == count_parameters(model) <= PARAM_BUDGET
+    assert summary["input"] == [1, 6, 160, 160]
+    assert summary["outputs"] == {"mask": [1, 1, 160, 160], "depth": [1, 1, 80, 80]}
+    assert sum(b["params"] for b in summary["blocks"]) == summary["params"]
+    assert sum(b["macs"] for b in summary["blocks"]) == summary["macs"]
+    # The stem's dense 3x3 conv alone: 160*160 outputs x 16 channels x 6*3*3 MACs.
+    assert summary["blocks"][0]["macs"] > 160 * 160 * 16 * 6 * 9
+    assert 0 < summary["macs"] < 900_000_000
+
+
+def test_thop_leaves_the_model_untouched():
+    model = UNet(UNetConfig())
+    keys = set(model.state_dict())
+    macs, _ = _thop_layer_macs(model, torch.zeros(1, 6, 160, 160))
+    assert macs > 0
+    assert set(model.state_dict()) == keys
+    assert not any(hasattr(m, "total_ops") for m in model.modules())
+    assert model.training
+
+
+def test_summary_cli_json():
+    result = run_module("model.summary", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert {"params", "macs", "input", "outputs"} <= set(summary)
+    assert isinstance(summary["params"], int) and 0 < summary["params"] <= PARAM_BUDGET
+    assert isinstance(summary["macs"], int) and summary["macs"] > 0
+    assert summary["input"] == [1, 6, 160, 160]
+    assert summary["outputs"] == {"mask": [1, 1, 160, 160], "depth": [1, 1, 80, 80]}
+
+    gray = json.loads(run_module("model.summary", "--json", "--in-channels", "1").stdout)
+    assert gray["input"] == [1, 2, 160, 160]
+    assert gray["params"] < summary["params"]
+
+
+def test_summary_cli_table_and_errors():
+    table = run_module("model.summary")
+    assert table.returncode == 0, table.stderr
+    assert "decoder.0" in table.stdout and "MACs per sample" in table.stdout
+    bad = run_module("model.summary", "--in-channels", "0")
+    assert bad.returncode == 2
+    assert "in_channels=0" in bad.stderr
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["benchmarks.model_step", "--batch-size", "2", "--steps", "1", "--warmup", "1"]
+    result = run_module(*args, "--no-compile", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(out.read_text())
+    assert {"cpu_count", "torch_version", "device_name", "date"} <= set(payload["machine"])
+    layouts = {row["layout"] for row in payload["results"]}
+    assert layouts == {"contiguous", "channels_last"}
+    assert all(row["samples_per_s"] > 0 and row["compile"] is False for row in payload["results"])
+    assert "channels_last" in result.stdout and "samples/s" in result.stdout
+    # A second run must not clobber the first without --overwrite.
+    again = run_module(*args, "--no-compile", "--json", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    # About two minutes on 2 CPU cores, mostly Inductor compiling the backward graph.
+    torch.manual_seed(0)
+    model = UNet(UNetConfig())
+    compiled = torch.compile(model)
+    x = random_inputs(model.cfg, batch=2)
+    eager_out = model(x)
+    compiled_out = compiled(x)
+    for e, c in zip(eager_out, compiled_out, strict=True):
+        torch.testing.assert_close(c, e, rtol=1e-3, atol=1e-3)
+    (compiled_out[0].mean() + compiled_out[1].mean()).backward()
+    assert all(p.grad is not None for p in model.parameters())

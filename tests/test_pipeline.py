@@ -1,0 +1,412 @@
+"""The loaders: DALI CPU against the torch reference, augmentation, epochs, errors, CLIs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
+from pipeline.augment import draw_params
+from pipeline.loader import dali_available
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ["dali", "torch"] if dali_available() else ["torch"]
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
+
+# Small batches so the 32-sample tiny splits give several batches and a partial last one.
+BASE = LoaderConfig(batch_size=5, num_threads=2, seed=3, shard_id=0, num_shards=1)
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+def collect(loader, epoch: int = 0) -> dict[str, dict]:
+    """{key: {part: tensor}} for one epoch, checking each key arrives once."""
+    samples = {}
+    for batch in loader.epoch(epoch):
+        for i, key in enumerate(batch["key"]):
+            assert key not in samples, f"{key} seen twice in one epoch"
+            samples[key] = {p: batch[p][i] for p in ("bg", "fg_bg", "mask", "depth")}
+    return samples
+
+
+def keys_in(shard_dir: Path, split: str) -> set[str]:
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    keys = set()
+    for shard in manifest["splits"][split]["shards"]:
+        with tarfile.open(shard_dir / shard["file"]) as archive:
+            keys |= {m.name.split(".", 1)[0] for m in archive.getmembers()}
+    return keys
+
+
+def epoch_keys(loader, epoch: int) -> list[str]:
+    return [k for batch in loader.epoch(epoch) for k in batch["key"]]
+
+
+# ------------------------------------------------------------------------------ output contract
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
+def test_batch_contract(backend, rgb, tiny_shards, tiny_shards_rgb):
+    data = tiny_shards_rgb if rgb else tiny_shards
+    loader = build_loader(data, "train", replace(BASE, backend=backend))
+    channels = 3 if rgb else 1
+    assert (loader.backend, loader.channels, loader.num_samples, len(loader)) == (
+        backend,
+        channels,
+        32,
+        7,
+    )
+    batch = next(iter(loader.epoch(0)))
+    assert batch["bg"].shape == batch["fg_bg"].shape == (5, channels, 160, 160)
+    assert batch["mask"].shape == (5, 1, 160, 160)
+    assert batch["depth"].shape == (5, 1, 80, 80)
+    assert all(batch[p].dtype == torch.float32 for p in ("bg", "fg_bg", "mask", "depth"))
+    assert set(batch["mask"].unique().tolist()) <= {0.0, 1.0}
+    assert batch["mask"].sum() > 0, "every synthetic sample has a foreground"
+    assert batch["depth"].min() >= 0 and batch["depth"].max() <= 1
+    assert len(batch["key"]) == 5 and all(isinstance(k, str) for k in batch["key"])
+    bg = denormalize(batch["bg"], BASE)
+    assert bg.min() >= 0 and bg.max() <= 1 and bg.std() > 0.01
+
+
+@needs_dali
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "augmented"])
+@pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
+def test_dali_matches_torch_reference(rgb, augment, tiny_shards, tiny_shards_rgb):
+    data = tiny_shards_rgb if rgb else tiny_shards
+    cfg = replace(BASE, augment=augment)
+    dali = collect(build_loader(data, "train", replace(cfg, backend="dali")))
+    ref = collect(build_loader(data, "train", replace(cfg, backend="torch")))
+    assert dali.keys() == ref.keys() and len(dali) == 32
+    for key in dali:
+        a, b = dali[key], ref[key]
+        for part in ("bg", "fg_bg"):
+            diff = (denormalize(a[part], cfg) - denormalize(b[part], cfg)).abs()
+            # Both use libjpeg-turbo, but DALI's and PIL's IDCT/upsampling differ by a level or so.
+            assert diff.mean() < 1.5 / 255 and diff.max() < 12 / 255, (key, part)
+        assert (a["mask"] != b["mask"]).float().mean() < 0.002, key
+        assert (a["depth"] - b["depth"]).abs().max() < 12 / 255, key
+
+
+# ----------------------------------------------------------------------------------- augmentation
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
+def test_augmentation_changes_inputs_not_targets(backend, rgb, tiny_shards, tiny_shards_rgb):
+    data = tiny_shards_rgb if rgb else tiny_shards
+    cfg = replace(BASE, backend=backend)
+    plain = collect(build_loader(data, "train", replace(cfg, augment=False)))
+    aug = collect(build_loader(data, "train", cfg))
+    for key in plain:
+        for part in ("bg", "fg_bg"):
+            assert (plain[key][part] - aug[key][part]).abs().mean() > 1e-3, (key, part)
+        assert torch.equal(plain[key]["mask"], aug[key]["mask"])
+        assert torch.equal(plain[key]["depth"], aug[key]["depth"])
+    targets = collect(build_loader(data, "train", replace(cfg, augment_targets=True)))
+    moved = [(plain[k]["depth"] - targets[k]["depth"]).abs().mean() > 1e-3 for k in plain]
+    assert all(moved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_test_split_is_never_augmented(backend, tiny_shards):
+    cfg = replace(BASE, backend=backend)
+    on = collect(build_loader(tiny_shards, "test", cfg))
+    off = collect(build_loader(tiny_shards, "test", replace(cfg, augment=False)))
+    assert on.keys() == off.keys() and len(on) == 32
+    assert all(torch.equal(on[k]["bg"], off[k]["bg"]) for k in on)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
+def test_drawn_parameters_in_seed_ranges(backend, rgb, tiny_shards, tiny_shards_rgb):
+    data = tiny_shards_rgb if rgb else tiny_shards
+    cfg = replace(BASE, backend=backend, return_params=True)
+    batch = next(iter(build_loader(data, "train", cfg).epoch(0)))
+    params = batch["params"]
+    assert set(params) == {"bg", "fg_bg"}
+    for part in ("bg", "fg_bg"):
+        p = params[part]
+        for name in ("brightness", "contrast"):
+            assert ((p[name] >= 0.925) & (p[name] <= 1.075)).all() and p[name].std() > 0
+        if rgb:
+            assert ((p["saturation"] >= 0.925) & (p["saturation"] <= 1.075)).all()
+            assert ((p["hue"] >= -0.075) & (p["hue"] <= 0.075)).all() and p["hue"].std() > 0
+        else:
+            assert (p["saturation"] == 1).all() and (p["hue"] == 0).all()
+    # bg and fg_bg draw independently
+    assert not torch.equal(params["bg"]["brightness"], params["fg_bg"]["brightness"])
+
+
+def test_noise_probability_and_factor_spread():
+    keys = [f"batch1-{i}_{i % 7}_{i % 2}_{i % 3}" for i in range(4000)]
+    params = draw_params(keys, seed=0, epoch=0, cfg=BASE, channels=3)
+    for part in ("bg", "fg_bg"):
+        rate = params[part]["noise"].float().mean().item()
+        assert abs(rate - 0.2) < 0.03, rate  # 4000 draws: 5 sigma is about 0.03
+        b = params[part]["brightness"]
+        assert b.min() < 0.93 and b.max() > 1.07 and abs(b.mean() - 1) < 0.005
+    both = (params["bg"]["noise"] & params["fg_bg"]["noise"]).float().mean().item()
+    assert abs(both - 0.04) < 0.015  # independent: 0.2 * 0.2
+    other_epoch = draw_params(keys, seed=0, epoch=1, cfg=BASE, channels=3)
+    assert not torch.equal(params["bg"]["brightness"], other_epoch["bg"]["brightness"])
+
+
+def test_noise_is_applied_to_flagged_samples_only(tiny_shards):
+    cfg = replace(BASE, backend=BACKENDS[0], return_params=True, brightness=0.0, contrast=0.0)
+    flat = collect(build_loader(tiny_shards, "train", replace(cfg, augment=False)))
+    noisy_seen = clean_seen = 0
+    for batch in build_loader(tiny_shards, "train", replace(cfg, noise_prob=0.5)).epoch(0):
+        for i, key in enumerate(batch["key"]):
+            residual = denormalize(batch["bg"][i], cfg) - denormalize(flat[key]["bg"], cfg)
+            if batch["params"]["bg"]["noise"][i]:
+                noisy_seen += 1
+                assert 0.03 < residual.std() < 0.07, key  # std 0.05, a little lost to clipping
+            else:
+                clean_seen += 1
+                assert residual.abs().max() < 1e-5, key
+    assert noisy_seen and clean_seen
+
+
+# --------------------------------------------------------------------------------------- epochs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_epoch_sees_every_key_once_and_reshuffles(backend, tiny_shards):
+    loader = build_loader(tiny_shards, "train", replace(BASE, backend=backend, augment=False))
+    first, second = epoch_keys(loader, 0), epoch_keys(loader, 1)
+    assert sorted(first) == sorted(second) == sorted(keys_in(tiny_shards, "train"))
+    assert first != second
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_and_epoch_gives_identical_batches(backend, tiny_shards_rgb):
+    cfg = replace(BASE, backend=backend)
+    a = list(build_loader(tiny_shards_rgb, "train", cfg).epoch(2))
+    # a fresh loader, as after a restart: resuming at epoch 2 sees the same data
+    b = list(build_loader(tiny_shards_rgb, "train", cfg).epoch(2))
+    assert len(a) == len(b) == 7
+    for x, y in zip(a, b):
+        assert x["key"] == y["key"]
+        assert all(torch.equal(x[p], y[p]) for p in ("bg", "fg_bg", "mask", "depth"))
+    other_seed = epoch_keys(build_loader(tiny_shards_rgb, "train", replace(cfg, seed=4)), 2)
+    assert other_seed != [k for batch in a for k in batch["key"]]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_split_without_overlap_or_gap(backend, tiny_shards):
+    cfg = replace(BASE, backend=backend, augment=False, batch_size=4)
+    for epoch in (0, 1):
+        ranks = [
+            epoch_keys(
+                build_loader(tiny_shards, "train", replace(cfg, shard_id=r, num_shards=2)), epoch
+            )
+            for r in range(2)
+        ]
+        assert not set(ranks[0]) & set(ranks[1])
+        assert sorted(ranks[0] + ranks[1]) == sorted(keys_in(tiny_shards, "train"))
+        assert len(ranks[0]) == len(ranks[1]) == 16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_drop_and_partial_last_batch(backend, tiny_shards):
+    cfg = replace(BASE, backend=backend, augment=False, batch_size=6)
+    partial = build_loader(tiny_shards, "test", cfg)
+    drop = build_loader(tiny_shards, "test", replace(cfg, last_batch="drop"))
+    assert [len(b["key"]) for b in partial.epoch(0)] == [6, 6, 6, 6, 6, 2]
+    assert [len(b["key"]) for b in drop.epoch(0)] == [6, 6, 6, 6, 6]
+    assert (len(partial), len(drop)) == (6, 5)
+
+
+def test_shard_defaults_without_distributed(tiny_shards):
+    loader = build_loader(tiny_shards, "train", LoaderConfig(backend="torch", batch_size=8))
+    assert (loader.shard_id, loader.num_shards) == (0, 1)
+
+
+def test_url_source_matches_directory(tiny_shards):
+    url = f"{tiny_shards}/train-{{000000..000003}}.tar"
+    cfg = replace(BASE, backend=BACKENDS[0], augment=False)
+    from_url = build_loader(url, "train", cfg)
+    assert (from_url.channels, from_url.num_samples) == (1, 32)
+    assert sorted(epoch_keys(from_url, 0)) == sorted(keys_in(tiny_shards, "train"))
+
+
+# --------------------------------------------------------------------------------------- errors
+
+PROBE = """
+import sys
+from pipeline import LoaderConfig, LoaderError, build_loader
+cfg = LoaderConfig(backend=sys.argv[2], batch_size=4, shard_id=0, num_shards=1)
+try:
+    for batch in build_loader(sys.argv[1], "train", cfg).epoch(0):
+        pass
+except LoaderError as exc:
+    print(f"LoaderError: {exc}", file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def probe(source: str, backend: str) -> subprocess.CompletedProcess:
+    """Build and read in a subprocess: a hang fails the test by timeout instead of blocking."""
+    return run_cli("-c", PROBE, source, backend, timeout=60)
+
+
+@pytest.fixture
+def shard_copy(tiny_shards, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_shards, tmp_path / "shards"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_missing_shard_is_named(backend, shard_copy):
+    victim = shard_copy / "train-000002.tar"
+    victim.unlink()
+    result = probe(str(shard_copy), backend)
+    assert result.returncode == 3, result.stderr
+    assert f"{victim}: shard not found" in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_truncated_shard_is_named(backend, shard_copy):
+    victim = shard_copy / "train-000001.tar"
+    victim.write_bytes(victim.read_bytes()[:20000])
+    result = probe(str(shard_copy), backend)
+    assert result.returncode == 3, result.stderr
+    assert f"{victim}: truncated" in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_garbage_shard_is_named(backend, shard_copy):
+    victim = shard_copy / "train-000003.tar"
+    victim.write_bytes(np.random.default_rng(0).bytes(victim.stat().st_size))
+    result = probe(str(shard_copy), backend)
+    assert result.returncode == 3, result.stderr
+    assert f"{victim}: not a tar archive" in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_jpeg_inside_shard_is_named(backend, shard_copy):
+    victim = shard_copy / "train-000000.tar"
+    data = bytearray(victim.read_bytes())
+    first_jpeg = data.index(b"\xff\xd8")  # keep the tar structure, break the image
+    data[first_jpeg : first_jpeg + 600] = b"\x00" * 600
+    victim.write_bytes(bytes(data))
+    result = probe(str(shard_copy), backend)
+    assert result.returncode == 3, result.stderr
+    assert "train-000000.tar" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["train-{000000..000003.tar", "train-{000000..00000x}.tar", "train-{000000..000009}.tar"],
+)
+def test_bad_url_pattern_is_named(pattern, tiny_shards):
+    url = f"{tiny_shards}/{pattern}"
+    with pytest.raises(LoaderError, match="train-"):
+        build_loader(url, "train", BASE)
+
+
+def test_bad_config_values_fail_loudly(tiny_shards):
+    with pytest.raises(LoaderError, match="backend='jax'"):
+        LoaderConfig(backend="jax")
+    with pytest.raises(LoaderError, match="last_batch"):
+        LoaderConfig(last_batch="keep")
+    with pytest.raises(LoaderError, match="split='val'"):
+        build_loader(tiny_shards, "val", BASE)
+    with pytest.raises(LoaderError, match="nowhere: no such dataset directory"):
+        build_loader(tiny_shards / "nowhere", "train", BASE)
+    with pytest.raises(LoaderError, match=r"manifest\.json: not found"):
+        build_loader(tiny_shards.parent, "train", BASE)
+
+
+def test_import_pipeline_without_dali():
+    code = (
+        "import sys; sys.modules['nvidia'] = None\n"
+        "import pipeline\n"
+        "from pipeline.loader import dali_available\n"
+        "assert not dali_available() and 'nvidia.dali' not in sys.modules\n"
+    )
+    result = run_cli("-c", code, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------ CLIs
+
+
+def test_preview_writes_png(tiny_shards_rgb, tmp_path):
+    out = tmp_path / "grid.png"
+    result = run_cli(
+        "-m", "pipeline.preview", "--data", str(tiny_shards_rgb), "--out", str(out), "--n", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    with Image.open(out) as image:
+        assert image.format == "PNG" and image.width > 4 * 160 and image.height > 3 * 160
+    again = run_cli("-m", "pipeline.preview", "--data", str(tiny_shards_rgb), "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_benchmark_runs_end_to_end(tiny_shards, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "-m",
+        "benchmarks.loaders",
+        "--data",
+        str(tiny_shards),
+        "--json",
+        str(out),
+        "--batch-size",
+        "8",
+        "--batches",
+        "2",
+        "--no-progress",
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "data", "loaders", "ratios"}
+    names = {"seed-baseline", "webdataset", "decode-ceiling"}
+    names |= {"dali-cpu"} if dali_available() else set()
+    assert names <= set(report["loaders"])
+    assert all(r["samples_per_s"] > 0 for r in report["loaders"].values())
+    assert report["data"] == {**report["data"], "channels": 1, "samples": 32}
+    assert report["machine"]["cores"] >= 1
+    if dali_available():
+        assert {"dali-cpu / decode-ceiling", "dali-cpu / seed-baseline"} <= set(report["ratios"])
+    assert "seed-baseline" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_dali_gpu_matches_cpu(tiny_shards_rgb):
+    cfg = replace(BASE, backend="dali")
+    gpu_batches = list(build_loader(tiny_shards_rgb, "train", replace(cfg, device="cuda")).epoch(0))
+    assert all(b["bg"].is_cuda and b["mask"].is_cuda for b in gpu_batches)
+    gpu = {k: b["bg"][i].cpu() for b in gpu_batches for i, k in enumerate(b["key"])}
+    cpu = collect(build_loader(tiny_shards_rgb, "train", cfg))
+    assert gpu.keys() == cpu.keys()
+    for key in gpu:
+        diff = (denormalize(gpu[key], cfg) - denormalize(cpu[key]["bg"], cfg)).abs()
+        # nvJPEG differs from libjpeg-turbo by a few levels; noise slices come from the same bank
+        assert diff.mean() < 3 / 255, key

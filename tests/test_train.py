@@ -1,0 +1,509 @@
+"""train.py end to end on tiny shards: run files, resume, torchrun, bad input, GPU bookkeeping.
+
+Runs use a 3-level UNet (``--widths 4,8,16``), batches of 4 and at most 2 batches per epoch,
+so each training subprocess takes seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from tests.conftest import ROOT, run_cli
+from training import monitor
+from training.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+
+TINY_RUN = ("--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0")
+TEST_KEYS = {"iou", "dice", "depth_rmse", "depth_mae", "depth_ssim", "loss"}
+HISTORY_VALUES = ("loss", "mask_bce", "depth_ssim_loss")
+
+
+def train_cli(*args: str, env: dict | None = None, timeout: float = 300):
+    """Run train.py as a user would; fails the test with the output if it crashed."""
+    if env:
+        os.environ.update(env)  # run_cli copies os.environ; undone below
+    try:
+        return run_cli("train.py", *TINY_RUN, *args, timeout=timeout)
+    finally:
+        for key in env or {}:
+            os.environ.pop(key, None)
+
+
+def ok(result) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+
+
+def one_line_error(result, match: str) -> None:
+    """Non-zero exit, no traceback, and one stderr line naming the problem."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error")]
+    assert len(errors) == 1 and match in errors[0], result.stderr
+
+
+def history_values(metrics: dict) -> list[float]:
+    return [
+        record[split][key]
+        for record in metrics["history"]
+        for split in ("train", "test")
+        for key in (*HISTORY_VALUES, *(("iou", "dice", "depth_rmse") if split == "test" else ()))
+    ]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_shards, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run with histograms."""
+    out = tmp_path_factory.mktemp("runs") / "full"
+    ok(
+        train_cli(
+            "--data",
+            str(tiny_shards),
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--histograms",
+            "--log-interval",
+            "1",
+        )
+    )
+    return out
+
+
+def test_run_writes_every_documented_file(full_run):
+    config = json.loads((full_run / "config.json").read_text())
+    assert config["epochs"] == 2 and config["batch_size"] == 4 and config["widths"] == [4, 8, 16]
+
+    for name in ("last.pt", "best.pt"):
+        state = torch.load(full_run / "checkpoints" / name, weights_only=True)
+        assert {"model", "optimizer", "scheduler", "epoch", "rng", "config"} <= state.keys()
+        assert {"torch", "numpy", "python"} <= state["rng"].keys()
+        assert state["config"]["widths"] == [4, 8, 16]
+    assert torch.load(full_run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+
+    with open(full_run / "timings.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert set(rows[0]) == {"epoch", "train_s", "data_s", "misc_s", "samples", "samples_per_s"}
+    assert all(float(r["train_s"]) > 0 and int(r["samples"]) == 8 for r in rows)
+
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    assert metrics["test"].keys() >= TEST_KEYS
+    assert metrics["test"]["samples"] == 32  # the final evaluation reads the whole test split
+    assert 0 <= metrics["test"]["iou"] <= 1 and metrics["test"]["depth_rmse"] > 0
+    assert [r["epoch"] for r in metrics["history"]] == [1, 2]
+    assert metrics["history"][0]["test"].keys() >= TEST_KEYS
+    assert {"loss", "lr", "samples_per_s", "data_wait_share"} <= metrics["history"][0][
+        "train"
+    ].keys()
+    assert metrics["params"] > 0 and metrics["macs"] > 0
+
+    with Image.open(full_run / "results.png") as image:
+        assert image.width >= 6 * 160 and image.height >= 4 * 160
+
+
+def test_tensorboard_has_scalars_images_histograms_graph(full_run):
+    events = list((full_run / "tb").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(full_run / "tb"), size_guidance={"histograms": 0}).Reload()
+    tags = acc.Tags()
+    for split, names in (
+        (
+            "train",
+            ("loss", "mask_bce", "depth_ssim_loss", "lr", "samples_per_s", "data_wait_share"),
+        ),
+        (
+            "test",
+            (
+                "loss",
+                "mask_bce",
+                "depth_ssim_loss",
+                "iou",
+                "dice",
+                "depth_rmse",
+                "depth_mae",
+                "depth_ssim",
+            ),
+        ),
+    ):
+        for name in names:
+            assert f"{split}/{name}" in tags["scalars"], f"{split}/{name} missing"
+            assert [e.step for e in acc.Scalars(f"{split}/{name}")] == [1, 2]
+    assert "train_step/loss" in tags["scalars"]
+    assert "test/samples" in tags["images"]
+    assert any(tag.startswith("weights/") for tag in tags["histograms"])
+    assert tags["graph"]
+
+
+def test_resume_after_stop_matches_uninterrupted_run(full_run, tiny_shards, tmp_path):
+    out = tmp_path / "resumed"
+    common = (
+        "--data",
+        str(tiny_shards),
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--histograms",
+        "--log-interval",
+        "1",
+    )
+    ok(train_cli(*common, "--stop-after-epoch", "1"))
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
+    assert not (out / "metrics.json").exists()  # stopped like a killed run: no final files
+
+    resumed = train_cli(*common, "--resume")
+    ok(resumed)
+    assert "resumed from" in resumed.stdout
+    full = json.loads((full_run / "metrics.json").read_text())
+    again = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in again["history"]] == [1, 2]
+    np.testing.assert_allclose(history_values(again), history_values(full), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(again["test"]["iou"], full["test"]["iou"], atol=1e-6)
+
+
+def test_torchrun_two_processes_matches_single_process(tiny_shards, tmp_path):
+    ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
+    result = run_cli(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *TINY_RUN,
+        "--data",
+        str(tiny_shards),
+        "--epochs",
+        "1",
+        "--out",
+        str(ddp_out),
+        timeout=300,
+    )
+    ok(result)
+    ddp = json.loads((ddp_out / "metrics.json").read_text())
+    # each rank trains on its own 2 batches of 4; the loss is averaged over both ranks
+    assert ddp["history"][0]["train"]["samples"] == 16
+    ok(
+        train_cli(
+            "--data",
+            str(tiny_shards),
+            "--test-only",
+            "--out",
+            str(single_out),
+            "--weights",
+            str(ddp_out / "checkpoints" / "last.pt"),
+        )
+    )
+    single = json.loads((single_out / "metrics.json").read_text())
+    assert ddp["test"]["samples"] == single["test"]["samples"] == 32
+    for key in TEST_KEYS:
+        assert ddp["test"][key] == pytest.approx(single["test"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
+    out = tmp_path / "nan"
+    result = train_cli(
+        "--data",
+        str(tiny_shards),
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        env={train.FAULT_NAN_EPOCH_ENV: "2"},
+    )
+    one_line_error(result, "loss is nan")
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (out / "metrics.json").exists()
+
+
+def test_missing_data_dir_is_one_line_error(tmp_path):
+    result = run_cli("train.py", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    one_line_error(result, "no manifest.json")
+
+
+def test_manifest_with_other_format_version_is_refused(tiny_shards, tmp_path):
+    data = tmp_path / "shards"
+    shutil.copytree(tiny_shards, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(train.TrainError, match="format_version"):
+        train.main(["--data", str(data), "--out", str(tmp_path / "r"), *TINY_RUN])
+
+
+def test_checkpoint_for_other_channels_or_config_is_refused(
+    full_run, tiny_shards, tiny_shards_rgb, tmp_path
+):
+    last = full_run / "checkpoints" / "last.pt"
+    with pytest.raises(train.TrainError, match="1-channel images but the data has 3"):
+        train.main(
+            [
+                "--data",
+                str(tiny_shards_rgb),
+                "--test-only",
+                "--weights",
+                str(last),
+                "--out",
+                str(tmp_path / "rgb"),
+                *TINY_RUN,
+            ]
+        )
+    with pytest.raises(train.TrainError, match="widths"):
+        train.main(
+            [
+                "--data",
+                str(tiny_shards),
+                "--test-only",
+                "--weights",
+                str(last),
+                "--out",
+                str(tmp_path / "w"),
+                *TINY_RUN,
+                "--widths",
+                "4,8",
+            ]
+        )
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    with pytest.raises(train.TrainError, match=r"different config: lr=0\.01 \(now 0\.5\)"):
+        train.main(
+            [
+                "--data",
+                str(tiny_shards),
+                "--epochs",
+                "2",
+                "--out",
+                str(run),
+                "--resume",
+                *TINY_RUN,
+                "--lr",
+                "0.5",
+            ]
+        )
+
+
+def test_existing_run_dir_needs_resume_or_overwrite(full_run, tiny_shards, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    with pytest.raises(train.TrainError, match="already holds a run"):
+        train.main(["--data", str(tiny_shards), "--out", str(run), *TINY_RUN])
+    assert (run / "checkpoints" / "last.pt").exists()
+    with pytest.raises(train.TrainError, match="no checkpoint"):
+        train.main(["--data", str(tiny_shards), "--out", str(tmp_path / "new"), "--resume"])
+
+
+class Exploit:
+    """Pickles into a call of ``Path.touch`` on load: what weights_only must refuse."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_tampered_checkpoint_is_refused_without_running_code(full_run, tiny_shards, tmp_path):
+    marker = tmp_path / "pwned"
+    state = torch.load(full_run / "checkpoints" / "last.pt", weights_only=True)
+    state["payload"] = Exploit(marker)
+    evil = tmp_path / "evil.pt"
+    torch.save(state, evil)
+    with pytest.raises(CheckpointError, match="refused to load checkpoint"):
+        load_checkpoint(evil)
+    with pytest.raises(train.TrainError, match="refused to load checkpoint"):
+        train.main(
+            [
+                "--data",
+                str(tiny_shards),
+                "--test-only",
+                "--weights",
+                str(evil),
+                "--out",
+                str(tmp_path / "r"),
+                *TINY_RUN,
+            ]
+        )
+    assert not marker.exists()
+
+
+def test_failed_checkpoint_write_keeps_previous_one(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "weights": torch.zeros(4)}, path)
+    # A real "file too large" error from the kernel stands in for a full disk.
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(CheckpointError, match="previous checkpoint there is intact"):
+            save_checkpoint({"epoch": 2, "weights": torch.zeros(100_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    save_checkpoint({"rng": rng_state()}, tmp_path / "rng.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_gpu_sampler_aggregates_readings():
+    readings = iter(
+        [
+            {"used_bytes": 100, "util_percent": 10.0, "temperature_c": 40.0},
+            {"used_bytes": 300, "util_percent": 90.0, "temperature_c": 60.0},
+            {"used_bytes": 200, "util_percent": 50.0, "temperature_c": 50.0},
+        ]
+    )
+    sampler = monitor.GpuSampler(
+        lambda: next(readings), {"device_name": "fake", "total_bytes": 1000}
+    )
+    assert sampler.report() == {"device_name": "fake", "total_bytes": 1000, "samples": 0}
+    for _ in range(3):
+        sampler.sample()
+    report = sampler.report()
+    assert report["samples"] == 3 and report["device_name"] == "fake"
+    assert report["used_bytes"] == 200 and report["peak_used_bytes"] == 300
+    assert report["mean_util_percent"] == pytest.approx(50.0)
+    assert report["peak_util_percent"] == 90.0 and report["peak_temperature_c"] == 60.0
+    assert sampler.latest()["used_bytes"] == 200
+
+
+def test_layer_memory_recorder_logs_pre_and_post_hooks(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    counter = iter(range(1000))
+    recorder = monitor.LayerMemoryRecorder(model, lambda: next(counter), lambda: 7, exp="t")
+    model(torch.zeros(1, 2))
+    recorder.remove()
+    model(torch.zeros(1, 2))  # after remove(): nothing more is recorded
+    rows = recorder.rows
+    # Sequential pre, Linear pre, Linear fwd, ReLU pre, ReLU fwd, Sequential fwd
+    assert [(r["layer_type"], r["hook_type"]) for r in rows] == [
+        ("Sequential", "pre"),
+        ("Linear", "pre"),
+        ("Linear", "fwd"),
+        ("ReLU", "pre"),
+        ("ReLU", "fwd"),
+        ("Sequential", "fwd"),
+    ]
+    assert [r["call_idx"] for r in rows] == list(range(6))
+    assert [r["mem_all"] for r in rows] == list(range(6))
+    assert [r["layer_idx"] for r in rows] == [0, 1, 1, 2, 2, 0]
+    recorder.write_csv(tmp_path / "memory_layers.csv")
+    with open(tmp_path / "memory_layers.csv") as f:
+        written = list(csv.DictReader(f))
+    assert tuple(written[0]) == monitor.MEMORY_COLUMNS and len(written) == 6
+    assert written[0]["mem_cached"] == "7" and written[0]["exp"] == "t"
+
+
+def test_gpu_readers_refuse_cpu():
+    with pytest.raises(monitor.GpuUnavailable):
+        monitor.nvml_reader(torch.device("cpu"))
+    with pytest.raises(monitor.GpuUnavailable):
+        monitor.cuda_memory_readers(torch.device("cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_reports_on_cuda(tiny_shards, tmp_path):
+    out = tmp_path / "cuda"
+    ok(
+        train_cli(
+            "--data", str(tiny_shards), "--epochs", "1", "--out", str(out), "--device", "cuda"
+        )
+    )
+    with open(out / "memory_layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0]) == monitor.MEMORY_COLUMNS
+    assert max(int(r["mem_all"]) for r in rows) > 0
+    report = json.loads((out / "gpu_report.json").read_text())
+    assert report["samples"] >= 1 and report["peak_used_bytes"] > 0 and report["device_name"]
+
+
+def test_cprofile_and_torch_profiler_outputs(tiny_shards, tmp_path):
+    ok(
+        train_cli(
+            "--data",
+            str(tiny_shards),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "c"),
+            "--profile",
+            "cprofile",
+        )
+    )
+    assert (tmp_path / "c" / "cprofile.prof").stat().st_size > 0
+    ok(
+        train_cli(
+            "--data",
+            str(tiny_shards),
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "t"),
+            "--profile",
+            "torch",
+            "--max-batches",
+            "6",
+        )
+    )
+    traces = list((tmp_path / "t" / "profile").glob("*.pt.trace.json*"))
+    assert traces and traces[0].stat().st_size > 0
+
+
+def test_train_throughput_benchmark_writes_json(tiny_shards, tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "-m",
+        "benchmarks.train_throughput",
+        "--data",
+        str(tiny_shards),
+        "--json",
+        str(out),
+        "--batches",
+        "2",
+        "--batch-size",
+        "4",
+        "--widths",
+        "4,8,16",
+    )
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(out.read_text())
+    assert payload["machine"]["cpu_count"] >= 1
+    assert {"torch", "dali-cpu", "synthetic"} <= payload["results"].keys()
+    for figures in payload["results"].values():
+        assert figures["samples_per_s"] > 0 and 0 <= figures["data_wait_share"] <= 1
+    assert math.isfinite(payload["results"]["synthetic"]["samples_per_s"])
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "--rootdir", str(ROOT)]))

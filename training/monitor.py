@@ -1,0 +1,198 @@
+"""GPU memory bookkeeping: per-layer CUDA memory from forward hooks, NVML sampling.
+
+The readings come in as plain functions, so the bookkeeping runs on CPU in tests with
+deterministic fake readings; :func:`cuda_memory_readers` and :func:`nvml_reader` give the
+real ones. ``pynvml`` is imported only inside :func:`nvml_reader`.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+MEMORY_COLUMNS = (
+    "layer_idx",
+    "call_idx",
+    "layer_type",
+    "exp",
+    "hook_type",
+    "mem_all",
+    "mem_cached",
+)
+
+
+class GpuUnavailable(Exception):
+    """No CUDA device or no NVML: the GPU reports are skipped, the run goes on."""
+
+
+class LayerMemoryRecorder:
+    """Record allocated and reserved memory before and after every module's forward.
+
+    One row per hook call with :data:`MEMORY_COLUMNS`; ``call_idx`` counts hook calls in
+    order, ``layer_idx`` is the module's index in ``model.modules()``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        read_allocated: Callable[[], int],
+        read_reserved: Callable[[], int],
+        exp: str = "train",
+    ) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self._read_allocated = read_allocated
+        self._read_reserved = read_reserved
+        self._handles = []
+        for layer_idx, module in enumerate(model.modules()):
+            self._handles.append(
+                module.register_forward_pre_hook(self._hook(layer_idx, module, exp, "pre"))
+            )
+            self._handles.append(
+                module.register_forward_hook(self._hook(layer_idx, module, exp, "fwd"))
+            )
+
+    def _hook(self, layer_idx: int, module: nn.Module, exp: str, hook_type: str) -> Callable:
+        layer_type = type(module).__name__
+
+        def record(*_: Any) -> None:
+            self.rows.append(
+                {
+                    "layer_idx": layer_idx,
+                    "call_idx": len(self.rows),
+                    "layer_type": layer_type,
+                    "exp": exp,
+                    "hook_type": hook_type,
+                    "mem_all": self._read_allocated(),
+                    "mem_cached": self._read_reserved(),
+                }
+            )
+
+        return record
+
+    def remove(self) -> None:
+        """Detach every hook; the rows stay."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def write_csv(self, path: str | Path) -> None:
+        """Write the rows to ``path`` with a header line."""
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=MEMORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+class GpuSampler:
+    """Call ``read_fn`` periodically (or by hand with :meth:`sample`) and aggregate.
+
+    ``read_fn()`` returns ``{"used_bytes": int, "util_percent": float, "temperature_c": float}``;
+    ``info`` holds the static facts (device name, total memory) copied into the report.
+    """
+
+    def __init__(
+        self,
+        read_fn: Callable[[], dict[str, float]],
+        info: dict[str, Any] | None = None,
+        interval_s: float = 0.5,
+    ) -> None:
+        self.read_fn = read_fn
+        self.info = dict(info or {})
+        self.interval_s = interval_s
+        self.samples: list[dict[str, float]] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> dict[str, float]:
+        """Take one reading now and keep it."""
+        reading = self.read_fn()
+        with self._lock:
+            self.samples.append(reading)
+        return reading
+
+    def latest(self) -> dict[str, float] | None:
+        """The most recent reading, or None before the first."""
+        with self._lock:
+            return self.samples[-1] if self.samples else None
+
+    def start(self) -> None:
+        """Sample every ``interval_s`` on a daemon thread until :meth:`stop`."""
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def stop(self) -> None:
+        """Stop the sampling thread, if running."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def report(self) -> dict[str, Any]:
+        """Static info plus used/peak memory, mean/peak utilisation and temperature."""
+        with self._lock:
+            samples = list(self.samples)
+        report: dict[str, Any] = {**self.info, "samples": len(samples)}
+        if not samples:
+            return report
+        used = [s["used_bytes"] for s in samples]
+        util = [s["util_percent"] for s in samples]
+        temp = [s["temperature_c"] for s in samples]
+        report.update(
+            used_bytes=used[-1],
+            peak_used_bytes=max(used),
+            mean_util_percent=sum(util) / len(util),
+            peak_util_percent=max(util),
+            mean_temperature_c=sum(temp) / len(temp),
+            peak_temperature_c=max(temp),
+        )
+        return report
+
+
+def cuda_memory_readers(device: torch.device) -> tuple[Callable[[], int], Callable[[], int]]:
+    """``(read_allocated, read_reserved)`` for a CUDA ``device``."""
+    if device.type != "cuda":
+        raise GpuUnavailable(f"device {device} is not a CUDA device")
+    return (
+        lambda: torch.cuda.memory_allocated(device),
+        lambda: torch.cuda.memory_reserved(device),
+    )
+
+
+def nvml_reader(device: torch.device) -> tuple[dict[str, Any], Callable[[], dict[str, float]]]:
+    """``(info, read_fn)`` for :class:`GpuSampler` from NVML for a CUDA ``device``."""
+    if device.type != "cuda":
+        raise GpuUnavailable(f"device {device} is not a CUDA device")
+    try:
+        import pynvml  # defer: only CUDA runs need NVML
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        name = pynvml.nvmlDeviceGetName(handle)
+        total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
+    except Exception as e:  # NVML raises its own error classes; any of them means "no NVML"
+        raise GpuUnavailable(f"NVML is not usable: {e}") from e
+
+    def read() -> dict[str, float]:
+        return {
+            "used_bytes": pynvml.nvmlDeviceGetMemoryInfo(handle).used,
+            "util_percent": float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+            "temperature_c": float(
+                pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+            ),
+        }
+
+    info = {"device_name": name if isinstance(name, str) else name.decode(), "total_bytes": total}
+    return info, read
