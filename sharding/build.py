@@ -126,7 +126,8 @@ def scan_zips(cfg: ShardConfig, skips: Skips) -> tuple[list[SampleRef], dict, li
     for zip_index, path in enumerate(cfg.zips):
         name = os.path.basename(path)
         with open_zip(path) as zf:
-            infos = {i.filename: i.file_size for i in zf.infolist()}
+            infos = {i.filename: i for i in zf.infolist()}
+        _scanned[path] = infos
         layout = classify(list(infos))
         if not layout.found_any_folder:
             raise BuildError(
@@ -137,7 +138,7 @@ def scan_zips(cfg: ShardConfig, skips: Skips) -> tuple[list[SampleRef], dict, li
         for member, _part in layout.unparsed:
             skips.add(name, member, "bad_name")
         paired = list(_pair(zip_index, name, layout, skips, ignored))
-        member_bytes.extend(infos[m] for ref in paired for m in ref.members)
+        member_bytes.extend(infos[m].file_size for ref in paired for m in ref.members)
         samples.extend(paired)
     return samples, dict(sorted(ignored.items())), member_bytes
 
@@ -203,16 +204,27 @@ class ZipReader:
     and checking the CRC ourselves is several times faster for the JPEGs zips usually store.
     """
 
-    def __init__(self, path: str):
-        self.zf = zipfile.ZipFile(path)
-        self.infos = {i.filename: i for i in self.zf.infolist()}
+    def __init__(self, path: str, infos: dict[str, zipfile.ZipInfo] | None = None):
+        self.path = path
+        self._zf: zipfile.ZipFile | None = None
+        # The central directory of a 40,000-sample zip takes seconds to parse in Python; forked
+        # workers reuse the parent's parse from scan_zips instead of repeating it per worker.
+        self.infos = (
+            infos if infos is not None else {i.filename: i for i in self.zipfile.infolist()}
+        )
         with open(path, "rb") as f:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+    @property
+    def zipfile(self) -> zipfile.ZipFile:
+        if self._zf is None:
+            self._zf = zipfile.ZipFile(self.path)
+        return self._zf
 
     def read(self, name: str) -> bytes:
         info = self.infos[name]
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # deflated/encrypted
-            return self.zf.read(name)
+            return self.zipfile.read(name)
         offset = info.header_offset
         if self.map[offset : offset + 4] != b"PK\x03\x04":
             raise zipfile.BadZipFile(f"bad local header for {name!r}")
@@ -225,10 +237,12 @@ class ZipReader:
 
     def close(self) -> None:
         self.map.close()
-        self.zf.close()
+        if self._zf is not None:
+            self._zf.close()
 
 
 _open_zips: dict[tuple[int, str], ZipReader] = {}
+_scanned: dict[str, dict[str, zipfile.ZipInfo]] = {}  # filled by scan_zips, inherited by fork
 
 
 def _zip(path: str) -> ZipReader:
@@ -237,7 +251,7 @@ def _zip(path: str) -> ZipReader:
     # one shared file descriptor read each other's bytes (seen as "Bad CRC-32").
     key = (os.getpid(), path)
     if key not in _open_zips:
-        _open_zips[key] = ZipReader(path)
+        _open_zips[key] = ZipReader(path, _scanned.get(path))
     return _open_zips[key]
 
 

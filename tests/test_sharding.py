@@ -32,8 +32,8 @@ def jpeg(value: int, size: int = 16, mode: str = "L") -> bytes:
     return buf.getvalue()
 
 
-def write_zip(path: Path, members: dict[str, bytes]) -> Path:
-    with zipfile.ZipFile(path, "w") as zf:
+def write_zip(path: Path, members: dict[str, bytes], compression=zipfile.ZIP_STORED) -> Path:
+    with zipfile.ZipFile(path, "w", compression) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
     return path
@@ -318,7 +318,9 @@ def test_variants_nested_folders_extras_and_junk_are_handled(tmp_path):
     zips = [write_zip(tmp_path / "batch3_images.zip", members)]
     zips.append(
         write_zip(
-            tmp_path / "batch4_images.zip", {"bg_jpg/bg_img_1.jpg": jpeg(1), **sample_members(2, 1)}
+            tmp_path / "batch4_images.zip",
+            {"bg_jpg/bg_img_1.jpg": jpeg(1), **sample_members(2, 1)},
+            zipfile.ZIP_DEFLATED,  # compressed members go through zipfile, not the memory map
         )
     )
     manifest = build(ShardConfig(zips=tuple(map(str, zips)), out=str(tmp_path / "o")), False)
@@ -327,6 +329,11 @@ def test_variants_nested_folders_extras_and_junk_are_handled(tmp_path):
     assert manifest["ignored"]["junk"] == 2 and manifest["ignored"]["extra"] == 2
     members_out = all_shard_members(tmp_path / "o", "train")
     assert members_out["batch3-1_3_0_1.bg.jpg"] == members["batch3/bg_jpg/bg_3.jpg"]
+    test_members = all_shard_members(tmp_path / "o", "test")
+    assert (
+        test_members["batch4-2_1_0_1.fg_bg.jpg"]
+        == sample_members(2, 1)["fg_bg_jpg/fg_bg_2_1_0_1.jpg"]
+    )
     assert (
         members_out["batch3-1_3_0_1.depth.jpg"]
         == members["batch3/depth_fg_bg_jpg/depth_1_3_0_1.jpg"]
