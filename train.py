@@ -53,37 +53,18 @@ LOSS_PARTS = ("loss", "mask_bce", "depth_ssim_loss")
 TEST_METRICS = ("iou", "dice", "depth_rmse", "depth_mae", "depth_ssim")
 # Options that must match the checkpoint when a run is resumed: they decide the model, the
 # data order and the optimisation, so changing them would silently mix two different runs.
+# fmt: off
 RESUME_KEYS = (
-    "data",
-    "train",
-    "test",
-    "batch_size",
-    "max_batches",
-    "augment",
-    "widths",
-    "optimizer",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "lr_step",
-    "lr_gamma",
-    "mask_weight",
-    "depth_weight",
-    "seed",
+    "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "optimizer", "lr",
+    "momentum", "weight_decay", "lr_step", "lr_gamma", "mask_weight", "depth_weight", "seed",
     "epochs",
 )
+# What train.py writes into RUNDIR; --overwrite removes exactly these, never the directory.
 RUN_FILES = (
-    "config.json",
-    "metrics.json",
-    "timings.csv",
-    "results.png",
-    "memory_layers.csv",
-    "gpu_report.json",
-    "cprofile.prof",
-    "checkpoints",
-    "tb",
-    "profile",
+    "config.json", "metrics.json", "timings.csv", "results.png", "memory_layers.csv",
+    "gpu_report.json", "cprofile.prof", "checkpoints", "tb", "profile",
 )
+# fmt: on
 
 
 class TrainError(Exception):
@@ -144,7 +125,6 @@ class Runtime:
     memory_format: torch.memory_format = torch.contiguous_format
     out: Path = Path(".")
     writer: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_main(self) -> bool:
@@ -267,7 +247,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
 
 def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> None:
     """Refuse to mix two runs in one directory; create it and write config.json (rank 0)."""
-    existing = (rt.out / "config.json").exists()
+    # A directory whose run failed before its first checkpoint holds nothing worth keeping.
+    existing = (rt.out / "checkpoints" / "last.pt").exists() or (rt.out / "metrics.json").exists()
     if cfg.resume and not (rt.out / "checkpoints" / "last.pt").exists():
         raise TrainError(
             f"--resume: no checkpoint at {rt.out / 'checkpoints' / 'last.pt'}; "
@@ -278,10 +259,8 @@ def prepare_run_dir(cfg: TrainConfig, rt: Runtime) -> None:
             f"{rt.out} already holds a run; pass --resume to continue it, --overwrite to "
             "replace it, or another --out"
         )
-    if not rt.is_main:
-        return
     if cfg.overwrite and not cfg.resume:
-        for name in RUN_FILES:  # only what train.py writes, never the whole directory
+        for name in RUN_FILES:
             path = rt.out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     (rt.out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -453,7 +432,8 @@ def log_step(
     if not math.isfinite(values["loss"]):
         raise TrainError(
             f"loss is {values['loss']} at epoch {epoch + 1} step {step + 1}; stopped, the last "
-            "good checkpoint is kept. Lower --lr or check the data"
+            f"good checkpoint {rt.out / 'checkpoints' / 'last.pt'} is kept. Lower --lr or check "
+            "the data"
         )
     now = time.perf_counter()
     elapsed = max(now - window["t"], 1e-9)
@@ -598,7 +578,7 @@ def log_epoch(
             if isinstance(v, (int, float)) and k not in ("samples", "data_s", "train_s"):
                 writer.add_scalar(f"{split}/{k}", v, epoch)
     if shown is not None:
-        grid = figures.compose(figure_rows(shown, loader_cfg))
+        grid = figures.compose(figure_rows(shown, loader_cfg), figures.COLUMNS)
         writer.add_image("test/samples", figures.pil_to_tensor(grid), epoch)
     if histograms:
         for name, param in model.named_parameters():
@@ -656,15 +636,20 @@ def print_timings(rows: list[dict[str, Any]]) -> None:
 
 
 def start_gpu_monitor(model: nn.Module, rt: Runtime) -> tuple[Any, Any]:
-    """Layer memory hooks and the NVML sampler on CUDA rank 0; on CPU say why they are skipped."""
+    """Layer memory hooks and the NVML sampler on CUDA rank 0; elsewhere say why not."""
     if not rt.is_main:
         return None, None
     try:
-        recorder = monitor.LayerMemoryRecorder(model, *monitor.cuda_memory_readers(rt.device))
-        info, read = monitor.nvml_reader(rt.device)
+        readers = monitor.cuda_memory_readers(rt.device)
     except monitor.GpuUnavailable as e:
         print(f"GPU reports skipped ({e}): no memory_layers.csv or gpu_report.json")
         return None, None
+    recorder = monitor.LayerMemoryRecorder(model, *readers)
+    try:
+        info, read = monitor.nvml_reader(rt.device)
+    except monitor.GpuUnavailable as e:
+        print(f"gpu_report.json skipped: {e}")
+        return recorder, None
     sampler = monitor.GpuSampler(read, info)
     sampler.start()
     return recorder, sampler

@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import platform
 import random
+import resource
 import sys
 import tarfile
 import tempfile
@@ -42,6 +43,8 @@ from pipeline.source import PARTS, DataSource, resolve_source
 log = logging.getLogger(__name__)
 
 LOADERS = ("seed-baseline", "webdataset", "dali-cpu", "dali-gpu", "decode-ceiling")
+# Untimed batches first: pipeline start-up, and prefetch queues that were filled for free.
+WARMUP_BATCHES = 3
 
 
 def cores() -> int:
@@ -200,30 +203,63 @@ def dali_ceiling(data: DataSource, batch_size: int, workers: int):
     yield from dali.decode_only_batches(list(data.shards), data.channels, batch_size, workers)
 
 
+def cpu_seconds() -> float | None:
+    """CPU time of this process and its live children (DataLoader/Pool workers), Linux only.
+
+    On a shared machine wall-clock rates move with other people's load; CPU seconds per sample
+    do not, so the report carries both.
+    """
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        reaped = resource.getrusage(resource.RUSAGE_CHILDREN)  # workers of finished epochs
+        total = own.ru_utime + own.ru_stime + reaped.ru_utime + reaped.ru_stime
+        me = str(os.getpid())
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the process ended while we looked
+            if fields[1] == me:  # ppid
+                total += (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        return total
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def measure(name: str, batches, count: int, progress: bool) -> dict:
-    """Samples/s over ``count`` batches, after one warm-up batch (pipeline start-up)."""
+    """Samples/s over ``count`` batches, after warm-up batches (start-up, prefetch queues)."""
     start = time.perf_counter()
     next(batches)
     first = time.perf_counter() - start
+    for _ in range(WARMUP_BATCHES - 1):
+        next(batches)
     samples = 0
     bar = tqdm(total=count, desc=name, unit="batch", disable=not progress, leave=False)
-    start = time.perf_counter()
+    cpu_start, start = cpu_seconds(), time.perf_counter()
     for _ in range(count):
         samples += next(batches)
         bar.update()
     seconds = time.perf_counter() - start
+    cpu_end = cpu_seconds()
     bar.close()
     batches.close()
-    return {
+    result = {
         "samples_per_s": samples / seconds,
         "samples": samples,
         "batches": count,
         "seconds": seconds,
         "first_batch_s": first,
     }
+    if cpu_start is not None and cpu_end is not None and cpu_end > cpu_start:
+        # What the rate would be with all cores to ourselves: samples per CPU-second x cores.
+        result["cpu_s"] = cpu_end - cpu_start
+        result["samples_per_s_all_cores_cpu"] = samples / (cpu_end - cpu_start) * cores()
+    return result
 
 
 def machine_info() -> dict:
+    """Cores, GPU, date, versions, and the load average: other users' load skews wall rates."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     dali_version = None
     if dali_available():
@@ -243,10 +279,12 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "dali": dali_version,
+        "load_average_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
 def run(args: argparse.Namespace) -> dict:
+    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     workers = args.workers or cores()
     data = resolve_source(args.data, "train")
     cfg = LoaderConfig(
@@ -284,8 +322,11 @@ def run(args: argparse.Namespace) -> dict:
     ):
         if a in results and b in results:
             ratios[f"{a} / {b}"] = results[a]["samples_per_s"] / results[b]["samples_per_s"]
+            key = "samples_per_s_all_cores_cpu"
+            if key in results[a] and key in results[b]:
+                ratios[f"{a} / {b} (cpu time)"] = results[a][key] / results[b][key]
     return {
-        "machine": machine_info(),
+        "machine": {**machine_info(), "load_average_1m_at_start": load_at_start},
         "data": {
             "path": str(args.data),
             "channels": data.channels,
@@ -331,12 +372,21 @@ def print_table(report: dict) -> None:
         f"# {m['date']}  {m['cores']} cores  gpu={m['gpu']}  torch {m['torch']}  "
         f"dali {m['dali']}  channels={d['channels']}  batch={d['batch_size']}"
     )
-    print(f"{'loader':16s} {'samples/s':>10s} {'x seed':>8s} {'% ceiling':>10s}")
+    print(
+        f"# load average (1 min): {m['load_average_1m_at_start']} at start, "
+        f"{m['load_average_1m_at_end']} at end; cpu-time rate = samples per CPU-second x cores"
+    )
+    print(
+        f"{'loader':16s} {'samples/s':>10s} {'x seed':>8s} {'% ceiling':>10s} "
+        f"{'cpu-time rate':>14s}"
+    )
     for name, r in loaders.items():
         rate = r["samples_per_s"]
         x_seed = f"{rate / base:.2f}" if base else "-"
         pct = f"{100 * rate / top:.0f}%" if top else "-"
-        print(f"{name:16s} {rate:10.0f} {x_seed:>8s} {pct:>10s}")
+        cpu_rate = r.get("samples_per_s_all_cores_cpu")
+        cpu_text = f"{cpu_rate:.0f}" if cpu_rate else "-"
+        print(f"{name:16s} {rate:10.0f} {x_seed:>8s} {pct:>10s} {cpu_text:>14s}")
     for name, value in report["ratios"].items():
         print(f"ratio {name}: {value:.2f}")
 

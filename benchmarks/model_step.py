@@ -5,6 +5,8 @@ Usage: ``python -m benchmarks.model_step [--device cpu|cuda] [--batch-size N] [-
 
 A step is forward, MaskDepthLoss, backward and an SGD update on random tensors, so the
 figures measure the model alone, with no data loading. bf16 autocast is timed on CUDA only.
+samples/s comes from the median step time; the JSON also records the mean and the 1-minute
+load average, since other processes on a shared machine skew CPU timings.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -78,18 +81,24 @@ def time_config(
     sync()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    step_seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    sync()
-    elapsed = time.perf_counter() - start
+        sync()
+        step_seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    # Timed per step so the median can shrug off steps slowed by other processes on a shared
+    # machine; the mean is kept for comparison.
+    median = statistics.median(step_seconds)
+    mean = statistics.fmean(step_seconds)
     return {
         "layout": layout,
         "dtype": dtype,
         "compile": compiled,
-        "samples_per_s": batch_size * steps / elapsed,
-        "step_ms": 1000 * elapsed / steps,
+        "samples_per_s": batch_size / median,
+        "samples_per_s_mean": batch_size / mean,
+        "step_ms_median": 1000 * median,
         "peak_mem_bytes": peak,
     }
 
@@ -116,6 +125,7 @@ def machine_info(device: torch.device) -> dict:
         "python_version": platform.python_version(),
         "device": str(device),
         "device_name": name,
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -129,7 +139,10 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def format_table(results: list[dict]) -> str:
     """Fixed-width table of the results."""
-    lines = [f"{'layout':<15}{'dtype':<7}{'compile':<9}{'samples/s':>11}{'peak MiB':>10}"]
+    header = (
+        f"{'layout':<15}{'dtype':<7}{'compile':<9}{'samples/s':>11}{'(mean)':>9}{'peak MiB':>10}"
+    )
+    lines = [header]
     for row in results:
         compile_mode = "yes" if row["compile"] else "no"
         if row.get("error"):
@@ -139,7 +152,7 @@ def format_table(results: list[dict]) -> str:
         peak_text = f"{peak / 2**20:.0f}" if peak is not None else "-"
         lines.append(
             f"{row['layout']:<15}{row['dtype']:<7}{compile_mode:<9}"
-            f"{row['samples_per_s']:>11.1f}{peak_text:>10}"
+            f"{row['samples_per_s']:>11.1f}{row['samples_per_s_mean']:>9.1f}{peak_text:>10}"
         )
     return "\n".join(lines)
 
@@ -208,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "dtype": dtype,
                         "compile": True,
                         "samples_per_s": None,
-                        "step_ms": None,
+                        "samples_per_s_mean": None,
+                        "step_ms_median": None,
                         "peak_mem_bytes": None,
                         "error": reason,
                     }

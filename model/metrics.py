@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from model.losses import depth_ssim
+from model.losses import depth_ssim, gaussian_window
 
 
 class MaskDepthMetrics:
@@ -44,19 +44,25 @@ class MaskDepthMetrics:
             )
         self.threshold = threshold
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # Built once on the device: pytorch_msssim would otherwise build it on the CPU and
+        # copy it over on every update, and a host-to-device copy waits for the GPU.
+        self._ssim_win = gaussian_window(1).to(self.device)
         self.reset()
 
     def reset(self) -> None:
         """Forget everything seen so far."""
         # Counts as int64 so they stay exact; error sums as float64 so millions of pixels
         # of small squared errors do not lose their low bits.
-        self._counts = torch.zeros(6, dtype=torch.int64, device=self.device)
+        self._counts = torch.zeros(4, dtype=torch.int64, device=self.device)
         self._sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        # Known on the host from shapes alone, so they need no device tensor until compute.
+        self._samples = 0
+        self._depth_pixels = 0
         self._per_sample: list[torch.Tensor] = []
         self._keys: list[str] = []
 
     # Slots of self._counts and self._sums.
-    _INTER, _UNION, _PRED, _TRUE, _SAMPLES, _DEPTH_PIXELS = range(6)
+    _INTER, _UNION, _PRED, _TRUE, _SAMPLES, _DEPTH_PIXELS = range(6)  # the last two join in compute
     _SQ_ERR, _ABS_ERR, _SSIM = range(3)
 
     @torch.no_grad()
@@ -103,23 +109,17 @@ class MaskDepthMetrics:
         err = depth_pred.double() - depth_true.double()
         sq_err = err.pow(2).flatten(1).sum(1)  # (B,)
         abs_err = err.abs().flatten(1).sum(1)
-        ssim = depth_ssim(depth_pred, depth_true, size_average=False).double()  # (B,)
+        ssim = depth_ssim(depth_pred, depth_true, win=self._ssim_win, size_average=False)
+        ssim = ssim.double()  # (B,)
 
-        batch_counts = torch.stack(
-            [
-                inter.sum(),
-                union.sum(),
-                pred_area.sum(),
-                true_area.sum(),
-                torch.tensor(batch, device=inter.device),
-                torch.tensor(depth_pred.numel(), device=inter.device),
-            ]
-        )
+        batch_counts = torch.stack([inter.sum(), union.sum(), pred_area.sum(), true_area.sum()])
         batch_sums = torch.stack([sq_err.sum(), abs_err.sum(), ssim.sum()])
         # A no-op when the metrics live on the inputs' device (the advised setup); otherwise
         # a blocking copy, since an async device-to-host copy could be read before it lands.
         self._counts += batch_counts.to(self.device)
         self._sums += batch_sums.to(self.device)
+        self._samples += batch
+        self._depth_pixels += depth_pred.numel()
         pixels_per_sample = depth_pred[0].numel()
         per_sample = torch.stack(
             [
@@ -144,7 +144,8 @@ class MaskDepthMetrics:
         Under torch.distributed every rank must call this (it is a collective). Returns
         ``iou``, ``dice``, ``depth_rmse``, ``depth_mae``, ``depth_ssim`` and ``samples``.
         """
-        counts = self._counts.clone()
+        host_counts = torch.tensor([self._samples, self._depth_pixels], dtype=torch.int64)
+        counts = torch.cat([self._counts, host_counts.to(self.device)])
         sums = self._sums.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)

@@ -37,7 +37,10 @@ class LoaderConfig:
     std: float = 0.25
     shard_id: int | None = None  # None: torch.distributed rank when initialised, else 0
     num_shards: int | None = None  # None: torch.distributed world size when initialised, else 1
-    shuffle_buffer: int = 2048  # samples; the within-epoch shuffle on top of shard-order shuffling
+    # Samples; shuffles within the epoch, on top of the shard-order shuffle (the shards are
+    # already globally shuffled at build time). Refilled at every epoch start: 2048 cost
+    # ~40 us/sample amortised over a 2,800-sample epoch, 1024 about half that (measured).
+    shuffle_buffer: int = 1024
     return_params: bool = False  # debug: add the drawn augmentation parameters to each batch
 
     def __post_init__(self) -> None:

@@ -9,10 +9,12 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -31,6 +33,31 @@ def dali_available() -> bool:
         return importlib.util.find_spec("nvidia.dali") is not None
     except (ImportError, ValueError):
         return False
+
+
+_MALLOC_TUNED = False
+
+
+def keep_freed_batch_memory() -> None:
+    """Stop glibc from unmapping freed batch buffers, once per process (Linux/glibc only).
+
+    Each RGB batch allocates ~30 MB float tensors; by default glibc maps and unmaps them every
+    batch, and the first write to each page then faults: ~9,900 page faults per RGB batch,
+    43 -> 28 ms of post-processing per 100 samples when they are reused (measured). Freed
+    memory stays in the heap for reuse instead (up to 256 MB kept).
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED or not sys.platform.startswith("linux"):
+        return
+    _MALLOC_TUNED = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        # 32 MB is the largest threshold glibc accepts on 64-bit.
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 256 << 20)
+    except (OSError, AttributeError):
+        ok = False  # not glibc (e.g. musl): nothing to tune
+    log.info("glibc malloc tuned to keep freed batch buffers: %s", bool(ok))
 
 
 def derive_seed(*parts: int) -> int:
@@ -131,6 +158,8 @@ def build_loader(source: str | os.PathLike, split: str, cfg: LoaderConfig) -> Lo
         raise LoaderError(f"device={cfg.device!r} but CUDA is not available; use device='cpu'")
     data = resolve_source(source, split)
     loader = Loader(data, split, cfg, backend)
+    if backend == "dali" and cfg.device == "cpu":
+        keep_freed_batch_memory()
     if loader.num_samples == 0:
         raise LoaderError(
             f"{data.origin}: rank {loader.shard_id} of {loader.num_shards} gets no samples "

@@ -71,13 +71,13 @@ def buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> It
 
 
 def decode(data: bytes, mode: str, size: int) -> np.ndarray:
-    """JPEG bytes -> uint8 (C, H, W) at size x size."""
+    """JPEG bytes -> uint8 (H, W, C) at size x size."""
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert(mode)
         if image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         array = np.asarray(image)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return array[:, :, None] if array.ndim == 2 else array
 
 
 def _decode_named(sample: dict, part: str, mode: str, size: int) -> np.ndarray:

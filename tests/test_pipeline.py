@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
-from pipeline.augment import draw_params
+from pipeline.augment import colour_matrix, draw_params
 from pipeline.loader import dali_available
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +182,21 @@ def test_noise_is_applied_to_flagged_samples_only(tiny_shards):
                 clean_seen += 1
                 assert residual.abs().max() < 1e-5, key
     assert noisy_seen and clean_seen
+
+
+def test_colour_matrix_turns_hue_like_hsv_and_keeps_grey():
+    import colorsys
+
+    reddish = (0.8, 0.3, 0.2)
+    h, s, v = colorsys.rgb_to_hsv(*reddish)
+    expected = colorsys.hsv_to_rgb((h + 0.05) % 1, s, v)  # red turns towards yellow
+    matrix = colour_matrix({"saturation": torch.tensor([1.0]), "hue": torch.tensor([0.05])})[0]
+    turned = matrix @ torch.tensor(reddish, dtype=torch.float64)
+    assert (turned - torch.tensor(expected, dtype=torch.float64)).abs().max() < 0.08
+    assert turned[1] > reddish[1]  # green up, the HSV direction
+    grey = torch.full((3,), 0.4, dtype=torch.float64)
+    both = colour_matrix({"saturation": torch.tensor([1.07]), "hue": torch.tensor([-0.07])})[0]
+    assert torch.allclose(both @ grey, grey)
 
 
 # --------------------------------------------------------------------------------------- epochs

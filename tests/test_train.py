@@ -73,21 +73,10 @@ def history_values(metrics: dict) -> list[float]:
 
 @pytest.fixture(scope="module")
 def full_run(tiny_shards, tmp_path_factory) -> Path:
-    """An uninterrupted 2-epoch run with histograms."""
+    """An uninterrupted 2-epoch run with histograms and the torch profiler."""
     out = tmp_path_factory.mktemp("runs") / "full"
-    ok(
-        train_cli(
-            "--data",
-            str(tiny_shards),
-            "--epochs",
-            "2",
-            "--out",
-            str(out),
-            "--histograms",
-            "--log-interval",
-            "1",
-        )
-    )
+    args = ["--data", str(tiny_shards), "--epochs", "2", "--out", str(out), "--histograms"]
+    ok(train_cli(*args, "--log-interval", "1", "--profile", "torch"))
     return out
 
 
@@ -121,6 +110,10 @@ def test_run_writes_every_documented_file(full_run):
 
     with Image.open(full_run / "results.png") as image:
         assert image.width >= 6 * 160 and image.height >= 4 * 160
+
+    traces = list((full_run / "profile").glob("*.pt.trace.json*"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert not (full_run / "memory_layers.csv").exists()  # CPU run: GPU reports are skipped
 
 
 def test_tensorboard_has_scalars_images_histograms_graph(full_run):
@@ -158,20 +151,11 @@ def test_tensorboard_has_scalars_images_histograms_graph(full_run):
 
 def test_resume_after_stop_matches_uninterrupted_run(full_run, tiny_shards, tmp_path):
     out = tmp_path / "resumed"
-    common = (
-        "--data",
-        str(tiny_shards),
-        "--epochs",
-        "2",
-        "--out",
-        str(out),
-        "--histograms",
-        "--log-interval",
-        "1",
-    )
-    ok(train_cli(*common, "--stop-after-epoch", "1"))
+    common = ("--data", str(tiny_shards), "--epochs", "2", "--out", str(out), "--histograms")
+    ok(train_cli(*common, "--stop-after-epoch", "1", "--profile", "cprofile"))
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert not (out / "metrics.json").exists()  # stopped like a killed run: no final files
+    assert (out / "cprofile.prof").stat().st_size > 0
 
     resumed = train_cli(*common, "--resume")
     ok(resumed)
@@ -221,6 +205,32 @@ def test_torchrun_two_processes_matches_single_process(tiny_shards, tmp_path):
         assert ddp["test"][key] == pytest.approx(single["test"][key], rel=1e-5, abs=1e-6), key
 
 
+def test_brace_urls_evaluate_like_the_data_dir(full_run, tiny_shards, tmp_path):
+    """--train/--test URLs read the same samples as --data: the same final metrics."""
+    urls = {}
+    for split in ("train", "test"):
+        last = max(int(p.stem.split("-")[1]) for p in tiny_shards.glob(f"{split}-*.tar"))
+        urls[split] = f"{tiny_shards}/{split}-{{000000..{last:06d}}}.tar"
+    weights = str(full_run / "checkpoints" / "last.pt")
+    final = train.main(
+        [
+            "--train",
+            urls["train"],
+            "--test",
+            urls["test"],
+            "--test-only",
+            "--weights",
+            weights,
+            "--out",
+            str(tmp_path / "urls"),
+            *TINY_RUN,
+        ]
+    )
+    expected = json.loads((full_run / "metrics.json").read_text())["test"]
+    for key in TEST_KEYS:
+        assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
     out = tmp_path / "nan"
     result = train_cli(
@@ -250,7 +260,7 @@ def test_manifest_with_other_format_version_is_refused(tiny_shards, tmp_path):
     manifest = json.loads((data / "manifest.json").read_text())
     manifest["format_version"] = 99
     (data / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(train.TrainError, match="format_version"):
+    with pytest.raises(train.TrainError, match="version 99, expected 'maskdepth-shards' version 1"):
         train.main(["--data", str(data), "--out", str(tmp_path / "r"), *TINY_RUN])
 
 
@@ -446,38 +456,6 @@ def test_gpu_reports_on_cuda(tiny_shards, tmp_path):
     assert max(int(r["mem_all"]) for r in rows) > 0
     report = json.loads((out / "gpu_report.json").read_text())
     assert report["samples"] >= 1 and report["peak_used_bytes"] > 0 and report["device_name"]
-
-
-def test_cprofile_and_torch_profiler_outputs(tiny_shards, tmp_path):
-    ok(
-        train_cli(
-            "--data",
-            str(tiny_shards),
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "c"),
-            "--profile",
-            "cprofile",
-        )
-    )
-    assert (tmp_path / "c" / "cprofile.prof").stat().st_size > 0
-    ok(
-        train_cli(
-            "--data",
-            str(tiny_shards),
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "t"),
-            "--profile",
-            "torch",
-            "--max-batches",
-            "6",
-        )
-    )
-    traces = list((tmp_path / "t" / "profile").glob("*.pt.trace.json*"))
-    assert traces and traces[0].stat().st_size > 0
 
 
 def test_train_throughput_benchmark_writes_json(tiny_shards, tmp_path):

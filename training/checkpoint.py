@@ -33,11 +33,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    # torch.save reports a failed write (a full disk, a size limit) as RuntimeError from its
+    # zip writer, or as OSError when the file cannot even be opened.
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
+        reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [repr(e)])[0]
         raise CheckpointError(
-            f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint "
-            "there is intact. Free some space or pass another --out"
+            f"could not write checkpoint {path}: {reason}; the previous checkpoint there is "
+            "intact. Free some space or pass another --out"
         ) from e
 
 
