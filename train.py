@@ -1,10 +1,23 @@
 """Train the mask-and-depth UNet on WebDataset shards, alone or under torchrun.
 
-    python train.py --data runs/data/shards --out runs/demo
+    python train.py --data DIR --out RUNDIR
     torchrun --standalone --nproc_per_node=2 train.py --data DIR --out RUNDIR
 
-Writes RUNDIR/config.json, checkpoints/{last,best}.pt, tb/ (TensorBoard), timings.csv,
-metrics.json and results.png; see ``--help`` for every option.
+RUNDIR (written by rank 0 only):
+
+- ``config.json``: the resolved :class:`TrainConfig`.
+- ``checkpoints/last.pt``, ``checkpoints/best.pt`` (best test IoU): model, optimizer,
+  scheduler, epoch, rng (torch, cuda, numpy, python), config, model_config, loader_config,
+  history, best_iou; plain tensors and lists, read with ``torch.load(weights_only=True)``.
+- ``tb/``: TensorBoard scalars ``train/*``, ``train_step/*``, ``test/*``, the image grid
+  ``test/samples``, the model graph, ``weights/*`` histograms (``--histograms``), ``gpu/*``.
+- ``timings.csv``: epoch, train_s, data_s, misc_s, samples, samples_per_s.
+- ``metrics.json``: ``test`` (iou, dice, depth_rmse, depth_mae, depth_ssim, loss, mask_bce,
+  depth_ssim_loss, samples on the whole test split), ``history`` (per epoch: train, test,
+  timing), ``params``, ``macs``, ``best_test_iou``.
+- ``results.png``: test samples with bg, fg_bg, true/predicted mask (IoU), true/predicted depth.
+- ``cprofile.prof`` (``--profile cprofile``), ``profile/`` (``--profile torch``).
+- On CUDA: ``memory_layers.csv`` (per-layer memory, first steps) and ``gpu_report.json``.
 """
 
 from __future__ import annotations

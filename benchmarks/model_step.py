@@ -211,10 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     row = time_config(
                         layout, dtype, compiled, device, args.batch_size, args.steps, args.warmup
                     )
+                # Broad on purpose: Inductor fails in many ways (no compiler, unsupported op,
+                # backend crash) and one failed mode should not lose the eager figures.
                 except Exception as err:
                     if not compiled:
                         raise
-                    reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+                    first_line = (str(err).strip().splitlines() or [""])[0]
+                    reason = f"{type(err).__name__}: {first_line}"
                     print(f"torch.compile failed ({layout}, {dtype}): {reason}")
                     row = {
                         "layout": layout,

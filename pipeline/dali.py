@@ -71,7 +71,7 @@ def shard_pipeline(
 
 
 def _keys(padded: torch.Tensor) -> list[str]:
-    rows = padded.numpy().tobytes()
+    rows = padded.cpu().numpy().tobytes()  # keys stay on the host even in a GPU pipeline
     width = padded.shape[1]
     keys = []
     for start in range(0, len(rows), width):

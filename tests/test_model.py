@@ -242,10 +242,10 @@ def test_overfits_one_small_batch():
     mask = torch.stack([((xx - o) ** 2 + yy**2 < 0.3).float() for o in offsets]).unsqueeze(1)
     ramp = torch.linspace(0, 1, 80)
     depth = torch.stack([ramp.outer(torch.ones(80)) * (0.5 + o) for o in offsets]).unsqueeze(1)
-    # lr 1e-2 passes 0.7x by step 5 and reaches ~0.4x by step 15; few steps keep this fast.
+    # With lr 1e-2 the loss passes 0.7x by step 5 and is ~0.45x at step 10 (2.59 -> 1.14).
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     history = []
-    for _ in range(15):
+    for _ in range(10):
         mask_logits, depth_pred = model(x)
         loss = loss_fn(mask_logits, depth_pred, mask, depth)["loss"]
         optimizer.zero_grad()
