@@ -171,36 +171,59 @@ def widths_type(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated ints") from None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the docstring's layout and show every default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI, in option groups that map onto :class:`TrainConfig`."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("Data")
     g.add_argument("--data", help="dataset dir with manifest.json (train and test splits)")
     g.add_argument("--train", help="train shards in brace notation, D/train-{000000..000009}.tar")
     g.add_argument("--test", help="test shards in brace notation (with --train)")
-    g.add_argument("--loader", choices=("auto", "dali", "torch"), default=d.loader)
-    g.add_argument("--num-threads", type=positive_int, default=d.num_threads)
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size)
+    g.add_argument(
+        "--loader",
+        choices=("auto", "dali", "torch"),
+        default=d.loader,
+        help="auto: DALI when it imports, else the torch loader",
+    )
+    g.add_argument(
+        "--num-threads", type=positive_int, default=d.num_threads, help="loader threads/workers"
+    )
+    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per rank")
     g.add_argument("--max-batches", type=positive_int, help="cap batches per epoch (train, test)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=d.augment)
+    g.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=d.augment,
+        help="colour jitter and noise on the training inputs",
+    )
     g = p.add_argument_group("Model")
     g.add_argument("--widths", type=widths_type, default=d.widths, help="e.g. 16,32,64,128,256")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="NHWC memory format (faster on CPU and GPU)",
+    )
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16, CUDA")
     g = p.add_argument_group("Optimisation")
-    g.add_argument("--epochs", type=positive_int, default=d.epochs)
-    g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs")
+    g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer, help="optimizer")
+    g.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD only")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty")
     g.add_argument("--lr-step", type=positive_int, default=d.lr_step, help="StepLR step (epochs)")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma)
+    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
     g.add_argument("--mask-weight", type=float, default=d.mask_weight, help="weight of mask BCE")
     g.add_argument("--depth-weight", type=float, default=d.depth_weight, help="of 1 - SSIM")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help="model init, data order, augmentation")
     g = p.add_argument_group("Run")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
+    g.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default=d.device, help="auto: CUDA if present"
+    )
     g.add_argument("--out", default=d.out, help="run directory")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
@@ -210,8 +233,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Logging")
     g.add_argument("--log-interval", type=positive_int, default=d.log_interval, help="steps")
     g.add_argument("--histograms", action="store_true", help="weight histograms to TensorBoard")
-    g.add_argument("--profile", choices=("none", "cprofile", "torch"), default=d.profile)
-    g.add_argument("--figure-samples", type=positive_int, default=d.figure_samples)
+    g.add_argument(
+        "--profile",
+        choices=("none", "cprofile", "torch"),
+        default=d.profile,
+        help="cprofile.prof, or a torch.profiler trace for TensorBoard",
+    )
+    g.add_argument(
+        "--figure-samples", type=positive_int, default=d.figure_samples, help="rows in results.png"
+    )
     return p
 
 
