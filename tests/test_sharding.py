@@ -455,59 +455,15 @@ def test_non_empty_out_is_refused_unless_overwrite(tiny_zips, tmp_path):
     assert len(list(out2.glob("train-*.tar"))) == 2  # the old 4-shard build is fully replaced
 
 
-def test_killed_build_leaves_no_manifest_and_rerun_succeeds(tmp_path):
-    zips = generate(
-        SynthConfig(out=str(tmp_path / "z"), batches=2, backgrounds=8, foregrounds=4, placements=8),
-        progress=False,
+def start_build_and_wait_for_first_shard(tmp_path: Path) -> tuple[subprocess.Popen, Path, list]:
+    """Start a build slow enough to interrupt; return once its first temporary shard exists."""
+    cfg = SynthConfig(
+        out=str(tmp_path / "z"), batches=2, backgrounds=8, foregrounds=4, placements=8
     )
+    zips = generate(cfg, progress=False)
     out = tmp_path / "out"
-    args = [
-        *map(str, zips),
-        "--out",
-        str(out),
-        "--samples-per-shard",
-        "4",
-        "--workers",
-        "1",
-        "--verify",
-        "decode",
-    ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sharding.build", *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and not list(out.glob(".tmp-*")):
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "manifest.json").exists()
-    assert not list(out.glob("*.tar")) or not (out / "manifest.json").exists()
-    rerun = run_build(*args)
-    assert rerun.returncode == 0, rerun.stderr
-    assert verify(out, progress=False)["train"] == 256
-    assert not list(out.glob(".tmp-*"))
-
-
-def test_sigterm_cleans_up_temporary_files(tmp_path):
-    zips = generate(
-        SynthConfig(out=str(tmp_path / "z"), batches=2, backgrounds=8, foregrounds=4, placements=8),
-        progress=False,
-    )
-    out = tmp_path / "out"
-    args = [
-        *map(str, zips),
-        "--out",
-        str(out),
-        "--samples-per-shard",
-        "4",
-        "--workers",
-        "1",
-        "--verify",
-        "decode",
-    ]
+    args = [*map(str, zips), "--out", str(out), "--samples-per-shard", "4", "--workers", "1"]
+    args += ["--verify", "decode"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "sharding.build", *args],
         cwd=ROOT,
@@ -518,6 +474,23 @@ def test_sigterm_cleans_up_temporary_files(tmp_path):
     deadline = time.time() + 60
     while time.time() < deadline and not list(out.glob(".tmp-*")):
         time.sleep(0.005)
+    assert proc.poll() is None, "the build finished before it could be interrupted"
+    return proc, out, args
+
+
+def test_killed_build_leaves_no_manifest_and_rerun_succeeds(tmp_path):
+    proc, out, args = start_build_and_wait_for_first_shard(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (out / "manifest.json").exists()
+    rerun = run_build(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert verify(out, progress=False)["train"] == 256
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_sigterm_cleans_up_temporary_files(tmp_path):
+    proc, out, _ = start_build_and_wait_for_first_shard(tmp_path)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130
