@@ -121,6 +121,8 @@ def machine_info(device: torch.device) -> dict:
     return {
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # OpenMP threads that spin while waiting crawl when other processes share the cores.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "torch_version": torch.__version__,
         "python_version": platform.python_version(),
         "device": str(device),

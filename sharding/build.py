@@ -620,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: no manifest was written; re-run the same command", file=sys.stderr)
         return 130
+    except OSError as e:  # anything the specific checks did not foresee still gets one line
+        print(f"error: {e.filename or cfg.out}: {e.strerror or e}", file=sys.stderr)
+        return 1
     print_summary(manifest, time.perf_counter() - start, cfg.out)
     return 0
 

@@ -230,7 +230,18 @@ def test_loss_config_rejects_bad_weights(kwargs, match):
         LossConfig(**kwargs)
 
 
-def test_overfits_one_small_batch():
+@pytest.fixture
+def one_thread():
+    """Run the test on one intra-op thread, then restore the previous count."""
+    # With 2 threads on 2 cores shared with other processes, OpenMP's spin-waiting made this
+    # test take 45 s instead of 4 s; one thread is fast whether or not the box is busy.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_overfits_one_small_batch(one_thread):
     # A smooth depth ramp and a disc: learnable targets, unlike random noise.
     torch.manual_seed(0)
     cfg = UNetConfig()
