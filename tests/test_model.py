@@ -23,7 +23,8 @@ PARAM_BUDGET = 750_000
 
 def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``python -m ...`` from the repository root, as a user would."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # PASSIVE unless the caller chose: spinning OpenMP threads crawl on a shared 2-core box.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", *args],
         cwd=ROOT,
