@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 PYTEST_ARGS ?=
+# On a shared 2-core machine OpenMP's busy-waiting threads made training steps 10x slower.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: test demo lint format bench clean
 
