@@ -971,9 +971,9 @@ def finish(cfg: TrainConfig, rt: Runtime, session: Session, test_loader: Any) ->
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     """Run training (or ``--test-only`` evaluation); returns the final test metrics."""
+    cfg = parse_args(argv)
     from torch.utils.tensorboard import SummaryWriter  # defer: slow import, after arg checks
 
-    cfg = parse_args(argv)
     rt = setup_runtime(cfg)
     try:
         if rt.is_main:

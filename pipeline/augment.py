@@ -180,7 +180,9 @@ def to_float(
     # Only the flagged samples (noise_prob of them) pay for noise.
     noisy = torch.nonzero(params["noise"]).flatten().tolist() if noise_std > 0 else []
     size = channels * height * width
-    offsets = (params["noise_offset"].double() * (len(bank) - size)).long().tolist()
+    offsets = (
+        (params["noise_offset"].double() * (len(bank) - size)).long().tolist() if noisy else []
+    )
     low, high = (0 - mean) / std, (1 - mean) / std
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)

@@ -125,6 +125,17 @@ def test_augmentation_changes_inputs_not_targets(backend, rgb, tiny_shards, tiny
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_jitter_without_noise(backend, tiny_shards_rgb):
+    """noise_std=0 is allowed: jitter alone must still work (no noise bank is made)."""
+    cfg = replace(BASE, backend=backend, noise_std=0.0)
+    plain = collect(build_loader(tiny_shards_rgb, "train", replace(cfg, augment=False)))
+    jittered = collect(build_loader(tiny_shards_rgb, "train", cfg))
+    assert plain.keys() == jittered.keys()
+    key = next(iter(plain))
+    assert (plain[key]["bg"] - jittered[key]["bg"]).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_test_split_is_never_augmented(backend, tiny_shards):
     cfg = replace(BASE, backend=backend)
     on = collect(build_loader(tiny_shards, "test", cfg))

@@ -179,7 +179,9 @@ def nvml_reader(device: torch.device) -> tuple[dict[str, Any], Callable[[], dict
         import pynvml  # defer: only CUDA runs need NVML
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        # NVML numbers GPUs in PCI order and ignores CUDA_VISIBLE_DEVICES; torch translates.
+        cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(cuda_index))
         name = pynvml.nvmlDeviceGetName(handle)
         total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
     except Exception as e:  # NVML raises its own error classes; any of them means "no NVML"
