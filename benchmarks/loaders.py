@@ -36,6 +36,7 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from benchmarks.report import write_json_atomic
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.loader import dali_available
 from pipeline.source import PARTS, DataSource, resolve_source
@@ -391,15 +392,6 @@ def print_table(report: dict) -> None:
         print(f"ratio {name}: {value:.2f}")
 
 
-def write_json_atomic(report: dict, path: Path) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -428,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_table(report)
     if args.json:
-        write_json_atomic(report, args.json)
+        write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.report import write_json_atomic
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -130,13 +130,6 @@ def machine_info(device: torch.device) -> dict:
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` so that ``path`` is either absent or complete, never half-written."""
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp_path, path)
 
 
 def format_table(results: list[dict]) -> str:

@@ -22,6 +22,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from benchmarks.report import write_json_atomic
+
 
 def _warm(zips: list[str]) -> None:
     for path in zips:
@@ -102,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "meets" if build_s <= unzip_s else "misses"
     print(f"build / unzip = {build_s / unzip_s:.2f} ({verdict} the goal build <= unzip)")
     if a.json:
-        tmp_json = a.json.with_name(f".{a.json.name}.tmp")
-        tmp_json.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp_json, a.json)
+        write_json_atomic(a.json, result)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.report import write_json_atomic
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from train import Runtime, forward_loss, to_device, widths_type
@@ -163,11 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     payload = run(args)
     print_table(payload["results"])
     if args.json:
-        path = Path(args.json)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        os.replace(tmp, path)
-        print(f"wrote {path}")
+        write_json_atomic(args.json, payload)
+        print(f"wrote {args.json}")
     return 0
 
 
