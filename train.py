@@ -976,11 +976,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
 
     rt = setup_runtime(cfg)
     try:
+        problem = None
         if rt.is_main:
             print(json.dumps(asdict(cfg), indent=2))
-            prepare_run_dir(cfg, rt)
+            try:
+                prepare_run_dir(cfg, rt)
+            except TrainError as e:
+                problem = str(e)
         if rt.distributed:
-            dist.barrier()  # the others wait until rank 0 has checked and created the run dir
+            # The others wait until rank 0 has checked and created the run dir, and stop with
+            # it if it refused: a bare barrier would leave them waiting for a rank that left.
+            verdict = [problem]
+            dist.broadcast_object_list(verdict, src=0)
+            problem = verdict[0]
+        if problem:
+            raise TrainError(problem)
         loaders = build_loaders(cfg, rt)
         session = build_session(cfg, rt, loaders)
         if rt.is_main:

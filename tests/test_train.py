@@ -325,6 +325,33 @@ def test_existing_run_dir_needs_resume_or_overwrite(full_run, tiny_shards, tmp_p
         train.main(["--data", str(tiny_shards), "--out", str(tmp_path / "new"), "--resume"])
 
 
+def test_torchrun_ranks_stop_together_when_rank0_refuses_the_run_dir(
+    full_run, tiny_shards, tmp_path
+):
+    run = tmp_path / "run"
+    shutil.copytree(full_run, run)
+    result = run_cli(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        *TINY_RUN,
+        "--data",
+        str(tiny_shards),
+        "--out",
+        str(run),
+        timeout=120,  # rank 1 used to wait at a barrier for a rank 0 that had exited
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "train.py: error" in line]
+    # Both ranks stop on rank 0's verdict, each with the message (not killed by torchrun).
+    assert len(errors) == 2 and all("already holds a run" in e for e in errors), result.stderr
+    assert (run / "checkpoints" / "last.pt").read_bytes() == (
+        full_run / "checkpoints" / "last.pt"
+    ).read_bytes()
+
+
 class Exploit:
     """Pickles into a call of ``Path.touch`` on load: what weights_only must refuse."""
 
