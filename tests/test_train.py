@@ -167,23 +167,15 @@ def test_resume_after_stop_matches_uninterrupted_run(full_run, tiny_shards, tmp_
     np.testing.assert_allclose(again["test"]["iou"], full["test"]["iou"], atol=1e-6)
 
 
+def torchrun_train(*args: str, timeout: float = 300):
+    """``train.py`` on the tiny settings under real torchrun: 2 processes, gloo, this machine."""
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    return run_cli(*torchrun, "train.py", *TINY_RUN, *args, timeout=timeout)
+
+
 def test_torchrun_two_processes_matches_single_process(tiny_shards, tmp_path):
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    result = run_cli(
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        *TINY_RUN,
-        "--data",
-        str(tiny_shards),
-        "--epochs",
-        "1",
-        "--out",
-        str(ddp_out),
-        timeout=300,
-    )
+    result = torchrun_train("--data", str(tiny_shards), "--epochs", "1", "--out", str(ddp_out))
     ok(result)
     ddp = json.loads((ddp_out / "metrics.json").read_text())
     # each rank trains on its own 2 batches of 4; the loss is averaged over both ranks
@@ -328,19 +320,7 @@ def test_existing_run_dir_needs_resume_or_overwrite(full_run, tiny_shards, tmp_p
 def test_torchrun_refused_run_dir_is_one_error_and_loses_nothing(full_run, tiny_shards, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
-    result = run_cli(
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        *TINY_RUN,
-        "--data",
-        str(tiny_shards),
-        "--out",
-        str(run),
-        timeout=120,  # rank 1 used to wait at a barrier for a rank 0 that had exited
-    )
+    result = torchrun_train("--data", str(tiny_shards), "--out", str(run), timeout=120)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "train.py: error" in line]
     # Every rank stops on rank 0's verdict; torchrun may tear the others down before they
