@@ -25,6 +25,12 @@ log = logging.getLogger(__name__)
 OUTPUTS = (*PARTS, "key")
 
 
+def shard_paths(shards: list[Shard]) -> tuple[list[str], list[str] | None]:
+    """Tar paths, and their indexes only if every shard has one (DALI takes all or none)."""
+    paths = [s.path for s in shards]
+    return paths, ([s.index for s in shards] if all(s.index for s in shards) else None)
+
+
 def decode_and_resize(encoded, output_type, size, stored_size, gpu: bool):
     """Decode one JPEG stream to uint8 HWC, resizing only when the stored size differs."""
     images = fn.decoders.image(
@@ -100,8 +106,7 @@ def iterate_epoch(
     if gpu:
         device_id = torch.device(cfg.device).index
         device_id = torch.cuda.current_device() if device_id is None else device_id
-    paths = [s.path for s in shards]
-    index_paths = [s.index for s in shards] if all(s.index for s in shards) else None
+    paths, index_paths = shard_paths(shards)
     pipe = shard_pipeline(
         paths=paths,
         index_paths=index_paths,
@@ -215,8 +220,7 @@ def decode_only_pipeline(paths, index_paths, channels):
 
 def decode_only_batches(shards: list[Shard], channels: int, batch_size: int, num_threads: int):
     """Endless decoded batches (DALI outputs, never copied out) for the benchmark's ceiling."""
-    paths = [s.path for s in shards]
-    index_paths = [s.index for s in shards] if all(s.index for s in shards) else None
+    paths, index_paths = shard_paths(shards)
     pipe = decode_only_pipeline(
         paths=paths,
         index_paths=index_paths,
