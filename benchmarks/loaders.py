@@ -36,10 +36,10 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from benchmarks.report import write_json_atomic
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.loader import dali_available
 from pipeline.source import PARTS, DataSource, resolve_source
+from sharding.atomic import write_json
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_table(report)
     if args.json:
-        write_json_atomic(args.json, report)
+        write_json(args.json, report)
         print(f"wrote {args.json}")
     return 0
 

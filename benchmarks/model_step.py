@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import write_json_atomic
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
+from sharding.atomic import write_json
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": results,
             "fastest": {k: fastest[k] for k in ("layout", "dtype", "compile", "samples_per_s")},
         }
-        write_json_atomic(args.json, payload)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

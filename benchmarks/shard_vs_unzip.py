@@ -22,7 +22,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from benchmarks.report import write_json_atomic
+from sharding.atomic import write_json
 
 
 def _warm(zips: list[str]) -> None:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "meets" if build_s <= unzip_s else "misses"
     print(f"build / unzip = {build_s / unzip_s:.2f} ({verdict} the goal build <= unzip)")
     if a.json:
-        write_json_atomic(a.json, result)
+        write_json(a.json, result)
     return 0
 
 

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import write_json_atomic
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
+from sharding.atomic import write_json
 from train import Runtime, forward_loss, to_device, widths_type
 
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = run(args)
     print_table(payload["results"])
     if args.json:
-        write_json_atomic(args.json, payload)
+        write_json(args.json, payload)
         print(f"wrote {args.json}")
     return 0
 

@@ -11,55 +11,32 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
+from pipeline.grid import compose, to_pil
+from sharding.atomic import atomic_path
 
 COLUMNS = ("bg", "fg_bg", "mask", "depth")
-_GAP = 4
-_HEADER = 14
 
 
 def render_grid(batch: dict, cfg: LoaderConfig, n: int) -> Image.Image:
     """Tile the first n samples of a batch into one RGB image with a header row."""
     size = cfg.image_size
-    columns = {
-        "bg": denormalize(batch["bg"][:n], cfg),
-        "fg_bg": denormalize(batch["fg_bg"][:n], cfg),
-        "mask": batch["mask"][:n],
+    columns = (
+        denormalize(batch["bg"][:n], cfg),
+        denormalize(batch["fg_bg"][:n], cfg),
+        batch["mask"][:n],
         # nearest keeps the depth map's real resolution visible
-        "depth": torch.nn.functional.interpolate(batch["depth"][:n], size=(size, size)),
-    }
-    rows = columns["bg"].shape[0]
-    grid = Image.new(
-        "RGB", (len(COLUMNS) * (size + _GAP) + _GAP, _HEADER + rows * (size + _GAP) + _GAP)
+        torch.nn.functional.interpolate(batch["depth"][:n].float(), size=(size, size)),
     )
-    draw = ImageDraw.Draw(grid)
-    for c, name in enumerate(COLUMNS):
-        draw.text((_GAP + c * (size + _GAP), 1), name, fill=(255, 255, 255))
-        pixels = (columns[name].float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
-        pixels = pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()  # (N, H, W, 3)
-        for r in range(rows):
-            tile = Image.fromarray(np.ascontiguousarray(pixels[r]), "RGB")
-            grid.paste(tile, (_GAP + c * (size + _GAP), _HEADER + _GAP + r * (size + _GAP)))
-    return grid
-
-
-def save_atomic(image: Image.Image, out: Path) -> None:
-    """Write to a temporary file beside ``out``, then rename: no half-written PNG on a crash."""
-    tmp = out.with_name(f".tmp-{os.getpid()}-{out.name}")
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    rows = [[to_pil(column[i]) for column in columns] for i in range(columns[0].shape[0])]
+    return compose(rows, COLUMNS)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -107,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    save_atomic(render_grid(batch, cfg, args.n), args.out)
+    with atomic_path(args.out) as tmp:
+        render_grid(batch, cfg, args.n).save(tmp, format="PNG")
     print(f"wrote {args.out}: {min(args.n, len(batch['key']))} samples from {loader!r}")
     return 0
 
