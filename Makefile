@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # On a shared 2-core machine OpenMP's busy-waiting threads made training steps 10x slower.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: test demo lint format bench clean
+.PHONY: test demo lint format bench clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,13 @@ demo: $(STAMP)
 	$(PY) train.py --data $(DEMO)/shards --out $(DEMO)/run --overwrite --epochs 10 \
 		--batch-size 16 --widths 8,16,32,64 --optimizer adam --lr 0.01 --lr-step 5 \
 		--lr-gamma 0.3 --mask-weight 4 --no-augment
+
+# Every GPU path on a machine with one CUDA GPU, in about 5 minutes (benchmarks/gpu_check.py).
+# It uses $(PYTHON) as it is: no venv, no install, no network (PYTHON=python3 make gpu-check).
+# Without CUDA or DALI it stops at once with one line naming what is missing.
+GPU_CHECK_OUT ?= gpu-check
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) --overwrite
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

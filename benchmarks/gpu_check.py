@@ -1,0 +1,274 @@
+"""Check every GPU path on a machine with one CUDA GPU, in about five minutes: `make gpu-check`.
+
+    PYTHON=python3 make gpu-check            # or: python -m benchmarks.gpu_check --out gpu-check
+
+It uses the active Python as it is: no venv, no install, no network. Without CUDA or DALI it
+stops at once with one line naming what is missing (exit 1). With them it:
+
+1. generates a dataset of about 20,000 grey samples (``sharding.synth`` -> ``sharding.build``);
+2. runs the ``gpu``-marked tests (``pytest -m gpu``);
+3. times the loaders (``benchmarks.loaders``): dali-gpu with augmentation in DALI and in
+   torch, and the GPU decode ceiling (DALI mixed decode alone);
+4. times the model step (``benchmarks.model_step --device cuda``: fp32 and bf16,
+   channels_last and contiguous, eager and compiled);
+5. times end-to-end training steps per loader (``benchmarks.train_throughput`` on cuda);
+6. trains one epoch with ``train.py``, which writes ``gpu_report.json`` and
+   ``memory_layers.csv``.
+
+Everything lands in ``--out``: one log and one JSON per step, and ``summary.json`` with each
+step's exit code, wall time and headline figures. Exit 0 only when every step passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from sharding.atomic import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GpuCheckError(Exception):
+    """Something the check needs is missing; the message names it."""
+
+
+def require_gpu_stack() -> dict[str, str]:
+    """Versions of torch (with CUDA) and DALI (with CUDA), or the one thing that is missing."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise GpuCheckError(
+            f"no CUDA device: torch {torch.__version__} (built for CUDA "
+            f"{torch.version.cuda or 'none'}) sees no GPU; run this on a machine with one"
+        )
+    if importlib.util.find_spec("nvidia.dali") is None:
+        raise GpuCheckError(
+            "no DALI: nvidia.dali is not importable; install nvidia-dali-cuda130 (or the "
+            "build matching your CUDA) into this Python"
+        )
+    import nvidia.dali as dali
+
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": str(torch.version.cuda),
+        "gpu": torch.cuda.get_device_name(0),
+        "dali": dali.__version__,
+    }
+
+
+def steps(out: Path, data: Path, py: str, quick: bool) -> list[tuple[str, list[str], int]]:
+    """(name, argv, timeout_s) for every check after the data is built."""
+    batches = "10" if quick else "40"
+    return [
+        ("pytest-gpu", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], 120),
+        (
+            "loaders",
+            [
+                py,
+                "-m",
+                "benchmarks.loaders",
+                "--data",
+                str(data),
+                "--json",
+                str(out / "loaders.json"),
+                "--loaders",
+                "dali-gpu",
+                "decode-ceiling",
+                "--augment-in",
+                "dali",
+                "torch",
+                "--batch-size",
+                "256",
+                "--batches",
+                batches,
+                "--rounds",
+                "5",
+                "--no-progress",
+            ],
+            150,
+        ),
+        (
+            "model-step",
+            [
+                py,
+                "-m",
+                "benchmarks.model_step",
+                "--device",
+                "cuda",
+                "--batch-size",
+                "256",
+                "--steps",
+                "20",
+                "--warmup",
+                "5",
+                "--json",
+                str(out / "model_step.json"),
+            ],
+            150,
+        ),
+        (
+            "train-throughput",
+            [
+                py,
+                "-m",
+                "benchmarks.train_throughput",
+                "--data",
+                str(data),
+                "--device",
+                "cuda",
+                "--batch-size",
+                "256",
+                "--batches",
+                batches,
+                "--json",
+                str(out / "train_throughput.json"),
+            ],
+            120,
+        ),
+        (
+            "train-1-epoch",
+            [
+                py,
+                "train.py",
+                "--data",
+                str(data),
+                "--out",
+                str(out / "run"),
+                "--overwrite",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "100",
+                "--device",
+                "cuda",
+                "--log-interval",
+                "50",
+            ],
+            150,
+        ),
+    ]
+
+
+def run_step(name: str, argv: list[str], timeout: int, out: Path) -> dict[str, Any]:
+    """Run one step with its output in ``out/<name>.log``; never raises for a failed step."""
+    log_path = out / f"{name}.log"
+    print(f"== {name}: {' '.join(argv)}", flush=True)
+    tic = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            rc = subprocess.run(
+                argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    wall = time.perf_counter() - tic
+    tail = log_path.read_text(errors="replace").splitlines()[-3:]
+    print(f"   {name}: rc={rc} in {wall:.1f} s; " + " | ".join(tail), flush=True)
+    return {"argv": argv, "rc": rc, "wall_s": round(wall, 2), "log": log_path.name}
+
+
+def headline(out: Path) -> dict[str, Any]:
+    """The figures RESULTS.md quotes, read from the steps' JSON files where they exist."""
+    figures: dict[str, Any] = {}
+    for name in ("loaders", "model_step", "train_throughput"):
+        path = out / f"{name}.json"
+        if path.is_file():
+            figures[name] = json.loads(path.read_text())
+    report = out / "run" / "gpu_report.json"
+    if report.is_file():
+        figures["gpu_report"] = json.loads(report.read_text())
+    metrics = out / "run" / "metrics.json"
+    if metrics.is_file():
+        history = json.loads(metrics.read_text()).get("history", [])
+        figures["train_epoch"] = history[-1]["timing"] if history else None
+    figures["memory_layers_csv"] = (out / "run" / "memory_layers.csv").is_file()
+    return figures
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", type=Path, default=Path("gpu-check"), help="output directory")
+    p.add_argument("--samples", type=int, default=20_000, help="about this many samples")
+    p.add_argument("--quick", action="store_true", help="fewer timed batches")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        versions = require_gpu_stack()
+        if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
+            raise GpuCheckError(f"{args.out} is not empty; pass --overwrite or another --out")
+    except GpuCheckError as e:
+        print(f"gpu-check: error: {e}", file=sys.stderr)
+        return 1
+    if args.overwrite:
+        shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out.resolve()
+    py = sys.executable
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # 16 batches (15 train, 1 test) of 2 foregrounds x 50 backgrounds x 2 flips x placements.
+    placements = max(1, round(args.samples / (16 * 2 * 50 * 2)))
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    synth = [
+        py,
+        "-m",
+        "sharding.synth",
+        "--out",
+        str(out / "zips"),
+        "--batches",
+        "16",
+        "--backgrounds",
+        "50",
+        "--foregrounds",
+        "32",
+        "--placements",
+        str(placements),
+        "--workers",
+        str(min(16, cpus or 1)),
+    ]
+    results["synth"] = run_step("synth", synth, 240, out)
+    zips = sorted(str(p) for p in (out / "zips").glob("batch*_images.zip"))
+    build = [py, "-m", "sharding.build", *zips, "--out", str(out / "data"), "--overwrite"]
+    if results["synth"]["rc"] == 0:
+        results["build"] = run_step("build", build, 240, out)
+    if all(r["rc"] == 0 for r in results.values()):
+        for name, argv_, timeout in steps(out, out / "data", py, args.quick):
+            results[name] = run_step(name, argv_, timeout, out)
+    summary = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {**versions, "platform": platform.platform(), "cpus": cpus},
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "total_s": round(time.perf_counter() - started, 1),
+        "steps": results,
+        "figures": headline(out),
+    }
+    write_json(out / "summary.json", summary)
+    failed = [name for name, r in results.items() if r["rc"] != 0]
+    print(
+        f"gpu-check: {len(results) - len(failed)}/{len(results)} steps passed in "
+        f"{summary['total_s']} s; summary: {out / 'summary.json'}"
+    )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

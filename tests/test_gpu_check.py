@@ -1,0 +1,55 @@
+"""`make gpu-check` on a machine without what it needs: one line naming it, nothing written."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+from tests.conftest import ROOT
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_make_gpu_check_without_cuda_names_it_and_writes_nothing(tmp_path):
+    out = tmp_path / "gpu-check"
+    result = subprocess.run(
+        ["make", "-s", "gpu-check", f"PYTHON={sys.executable}", f"GPU_CHECK_OUT={out}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("gpu-check:")]
+    assert len(errors) == 1 and "no CUDA device" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_without_dali_names_it(monkeypatch, tmp_path, capsys):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name.startswith("nvidia.dali") else real_find_spec(name, *args)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    out = tmp_path / "gpu-check"
+    assert gpu_check.main(["--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no DALI" in err[0] and "nvidia-dali" in err[0]
+    assert not out.exists()
+
+
+def test_gpu_check_refuses_a_non_empty_out(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_check, "require_gpu_stack", lambda: {"gpu": "stand-in"})
+    out = tmp_path / "gpu-check"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert gpu_check.main(["--out", str(out)]) == 1
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "summary.json").read_text() == "{}"
