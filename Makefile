@@ -38,8 +38,9 @@ demo: $(STAMP)
 # It uses $(PYTHON) as it is: no venv, no install, no network (PYTHON=python3 make gpu-check).
 # Without CUDA or DALI it stops at once with one line naming what is missing.
 GPU_CHECK_OUT ?= gpu-check
+GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) --overwrite
+	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) --overwrite $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

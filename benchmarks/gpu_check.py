@@ -203,6 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", type=Path, default=Path("gpu-check"), help="output directory")
+    p.add_argument(
+        "--work", type=Path, help="where the generated zips and shards go (default: OUT/work)"
+    )
     p.add_argument("--samples", type=int, default=20_000, help="about this many samples")
     p.add_argument("--quick", action="store_true", help="fewer timed batches")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -222,10 +225,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve()
+    work = (args.work or out / "work").resolve()
+    shutil.rmtree(work, ignore_errors=True)  # the dataset is regenerated on every run
     py = sys.executable
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    # 16 batches (15 train, 1 test) of 2 foregrounds x 50 backgrounds x 2 flips x placements.
-    placements = max(1, round(args.samples / (16 * 2 * 50 * 2)))
+    # 16 batches (15 train, 1 test), 2 foregrounds each, 2 flips: 64 samples per background
+    # and placement; up to 50 backgrounds, then more placements.
+    per_background = max(1, args.samples // 64)
+    backgrounds = min(50, per_background)
+    placements = max(1, round(per_background / backgrounds))
     started = time.perf_counter()
     results: dict[str, Any] = {}
     synth = [
@@ -233,11 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         "-m",
         "sharding.synth",
         "--out",
-        str(out / "zips"),
+        str(work / "zips"),
         "--batches",
         "16",
         "--backgrounds",
-        "50",
+        str(backgrounds),
         "--foregrounds",
         "32",
         "--placements",
@@ -246,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         str(min(16, cpus or 1)),
     ]
     results["synth"] = run_step("synth", synth, 240, out)
-    zips = sorted(str(p) for p in (out / "zips").glob("batch*_images.zip"))
-    build = [py, "-m", "sharding.build", *zips, "--out", str(out / "data"), "--overwrite"]
+    zips = sorted(str(p) for p in (work / "zips").glob("batch*_images.zip"))
+    build = [py, "-m", "sharding.build", *zips, "--out", str(work / "shards"), "--overwrite"]
     if results["synth"]["rc"] == 0:
         results["build"] = run_step("build", build, 240, out)
     if all(r["rc"] == 0 for r in results.values()):
-        for name, argv_, timeout in steps(out, out / "data", py, args.quick):
+        for name, argv_, timeout in steps(out, work / "shards", py, args.quick):
             results[name] = run_step(name, argv_, timeout, out)
     summary = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

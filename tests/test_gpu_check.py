@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 
@@ -53,3 +54,24 @@ def test_gpu_check_refuses_a_non_empty_out(monkeypatch, tmp_path, capsys):
     assert gpu_check.main(["--out", str(out)]) == 1
     assert "not empty" in capsys.readouterr().err
     assert (out / "summary.json").read_text() == "{}"
+
+
+def test_gpu_check_runs_every_step_and_summarises(monkeypatch, tmp_path):
+    """The orchestration without a GPU: real synth and build, stand-in GPU steps."""
+    monkeypatch.setattr(gpu_check, "require_gpu_stack", lambda: {"gpu": "stand-in"})
+    ok, failing = [sys.executable, "-c", "print('fine')"], [sys.executable, "-c", "exit(3)"]
+    monkeypatch.setattr(
+        gpu_check, "steps", lambda out, data, py, quick: [("ok", ok, 30), ("fails", failing, 30)]
+    )
+    out = tmp_path / "gpu-check"
+    assert gpu_check.main(["--out", str(out), "--samples", "128"]) == 1  # one step failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert {k: v["rc"] for k, v in summary["steps"].items()} == {
+        "synth": 0,
+        "build": 0,
+        "ok": 0,
+        "fails": 3,
+    }
+    manifest = json.loads((out / "work" / "shards" / "manifest.json").read_text())
+    assert 100 <= sum(split["samples"] for split in manifest["splits"].values()) <= 200
+    assert (out / "ok.log").read_text().strip() == "fine"
