@@ -1,4 +1,4 @@
-"""sharding.shard_format: the index and manifest formats that build writes and readers expect."""
+"""sharding.shard_format: index and manifest formats, and the geometry loader and model share."""
 
 from __future__ import annotations
 
@@ -8,9 +8,13 @@ import tarfile
 
 import pytest
 
+from model import UNet, UNetConfig
+from pipeline import LoaderConfig, build_loader
 from sharding.shard_format import (
+    GEOMETRY,
     MANIFEST,
     MEMBER_EXTS,
+    Geometry,
     IndexFormatError,
     ManifestError,
     format_index,
@@ -121,3 +125,24 @@ def test_missing_manifest_or_directory_is_named(tmp_path):
     assert str(tmp_path / "nowhere") in str(caught.value)
     with pytest.raises(ManifestError, match=r"manifest\.json: not found"):
         read_manifest(tmp_path)
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+def test_loader_and_model_default_to_the_dataset_geometry():
+    assert (GEOMETRY.image_size, GEOMETRY.depth_size) == (160, 80)  # the EVA dataset's
+    assert LoaderConfig().geometry == UNetConfig().geometry == GEOMETRY
+    with pytest.raises(ValueError, match="depth_size=0"):
+        Geometry(160, 0)
+
+
+def test_model_built_for_a_loader_geometry_matches_its_batches(tiny_shards):
+    cfg = LoaderConfig(backend="torch", batch_size=4, num_threads=0, image_size=64, depth_size=32)
+    loader = build_loader(tiny_shards, "test", cfg)
+    batch = next(iter(loader.epoch(0)))
+    unet_cfg = UNetConfig.for_geometry(cfg.geometry, in_channels=loader.channels, widths=(4, 8))
+    assert (unet_cfg.mask_size, unet_cfg.depth_size, unet_cfg.geometry) == (64, 32, cfg.geometry)
+    mask_logits, depth = UNet(unet_cfg).eval()(UNet.input_from(batch["bg"], batch["fg_bg"]))
+    assert mask_logits.shape == batch["mask"].shape == (4, 1, 64, 64)
+    assert depth.shape == batch["depth"].shape == (4, 1, 32, 32)
