@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     print_table(report)
     if args.json:
         write_json(args.json, report)

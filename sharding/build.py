@@ -585,6 +585,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     a = p.parse_args(argv)
     if a.samples_per_shard is not None and a.samples_per_shard < 1:
         p.error("--samples-per-shard must be at least 1")
+    if a.workers < 1:
+        p.error(f"--workers must be at least 1, got {a.workers}")
     return ShardConfig(
         zips=tuple(a.zips),
         out=a.out,
