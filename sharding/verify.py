@@ -3,7 +3,7 @@
     python -m sharding.verify data/shards [--decode]
 
 Checks each shard's sha256 and sample count, that its index matches the tar byte for byte, that
-every sample has all five members, and that no key appears twice. Exits non-zero on a mismatch.
+every sample has all five members, and that no key appears twice. Exits 1 on a mismatch.
 """
 
 from __future__ import annotations
