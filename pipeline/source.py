@@ -20,6 +20,7 @@ from pipeline.config import LoaderError
 from sharding.shard_format import (
     MANIFEST,
     PARTS,
+    TAR_SUFFIX,
     IndexFormatError,
     ManifestError,
     ManifestMissing,
@@ -64,7 +65,7 @@ def resolve_source(source: str | os.PathLike, split: str) -> DataSource:
     text = os.fspath(source)
     if os.path.isdir(text):
         return _from_manifest(Path(text), split)
-    if not os.path.exists(text) and not any(c in text for c in "{}") and ".tar" not in text:
+    if not os.path.exists(text) and not any(c in text for c in "{}") and TAR_SUFFIX not in text:
         raise LoaderError(
             f"{text}: no such dataset directory (one with manifest.json) or shard file"
         )
