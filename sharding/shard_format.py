@@ -9,9 +9,9 @@ Each tar is a WebDataset shard: per sample, the members ``{key}.bg.jpg``, ``{key
 it is the DALI index that ``wds2idx`` would write. ``manifest.json`` is written last and lists
 every shard with its sample count and sha256, so its presence means the build finished.
 
-The dataset's geometry (bg, fg_bg and mask at ``IMAGE_SIZE``, depth at ``DEPTH_SIZE``) lives
-here too, so that the loader's output sizes and the model's input and output sizes default to
-the same numbers. Nothing here imports torch: ``sharding`` stays light.
+The dataset's geometry, ``GEOMETRY`` (bg, fg_bg and mask 160x160, depth 80x80), lives here
+too, so that the loader's output sizes and the model's input and output sizes default to the
+same numbers. Nothing here imports torch: ``sharding`` stays light.
 """
 
 from __future__ import annotations
@@ -58,8 +58,6 @@ class Geometry:
 
 
 GEOMETRY = Geometry()  # the EVA dataset's: 160x160 images and masks, 80x80 depth maps
-IMAGE_SIZE = GEOMETRY.image_size
-DEPTH_SIZE = GEOMETRY.depth_size
 
 
 # --- members of a sample --------------------------------------------------------------------
