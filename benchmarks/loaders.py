@@ -38,8 +38,9 @@ from tqdm import tqdm
 
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.loader import dali_available
-from pipeline.source import PARTS, DataSource, resolve_source
+from pipeline.source import DataSource, resolve_source
 from sharding.atomic import write_json
+from sharding.shard_format import META_EXT, PARTS, image_ext, part_of, split_member
 
 log = logging.getLogger(__name__)
 
@@ -75,16 +76,16 @@ def extract_loose(data: DataSource, out: Path) -> list[dict[str, Path]]:
         with tarfile.open(shard.path, "r:") as archive:
             members = {}
             for member in archive:
-                key, _, ext = member.name.partition(".")
+                key, ext = split_member(member.name)
                 members.setdefault(key, {})[ext] = archive.extractfile(member).read()
         for parts in members.values():
-            info = json.loads(parts["json"])
+            info = json.loads(parts[META_EXT])
             root = out / Path(info.get("zip", "batch")).stem
             paths = {}
             for part, name in loose_names(info).items():
                 path = root / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(parts[f"{part}.jpg"])
+                path.write_bytes(parts[image_ext(part)])
                 paths[part] = path
             samples.append(paths)
     return samples
@@ -186,8 +187,8 @@ def pil_ceiling(data: DataSource, batch_size: int, workers: int):
     for shard in data.shards:
         with tarfile.open(shard.path, "r:") as archive:
             for member in archive:
-                part = member.name.partition(".")[2].removesuffix(".jpg")
-                if part in PARTS:
+                part = part_of(split_member(member.name)[1])
+                if part is not None:
                     part_mode = mode if part in ("bg", "fg_bg") else "L"
                     encoded.append((archive.extractfile(member).read(), part_mode))
     per_batch = batch_size * len(PARTS)
@@ -417,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run(args)
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     print_table(report)
     if args.json:
         write_json(args.json, report)

@@ -27,6 +27,7 @@ from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 from sharding.atomic import write_json
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+_PROG = "python -m benchmarks.model_step"
 
 
 def make_batch(cfg: UNetConfig, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -162,7 +163,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
-    parser = _OneLineParser(prog="python -m benchmarks.model_step", description=__doc__)
+    parser = _OneLineParser(prog=_PROG, description=__doc__)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
@@ -181,18 +182,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--batch-size={args.batch_size} and --steps={args.steps} must be >= 1 "
             f"and --warmup={args.warmup} >= 0"
         )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda given but torch sees no CUDA device; use --device cpu")
-    if args.json is not None and args.json.exists() and not args.overwrite:
-        parser.error(f"{args.json} exists; pass --overwrite to replace it")
-    if args.json is not None and not args.json.parent.is_dir():
-        parser.error(f"directory of --json {args.json} does not exist; create it first")
     return args
+
+
+def environment_problem(args: argparse.Namespace) -> str | None:
+    """Why this machine or file system cannot run ``args``, or None."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda given but torch sees no CUDA device; use --device cpu"
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        return f"{args.json} exists; pass --overwrite to replace it"
+    if args.json is not None and not args.json.parent.is_dir():
+        return f"directory of --json {args.json} does not exist; create it first"
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Time every configuration, print a table, optionally write JSON."""
     args = parse_args(argv)
+    problem = environment_problem(args)
+    if problem:
+        print(f"{_PROG}: error: {problem}", file=sys.stderr)
+        return 1
     device = torch.device(args.device)
     dtypes = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
     if device.type == "cpu":

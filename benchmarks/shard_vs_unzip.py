@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import shutil
@@ -23,6 +22,11 @@ import zipfile
 from pathlib import Path
 
 from sharding.atomic import write_json
+from sharding.shard_format import read_manifest
+
+
+class BenchmarkError(Exception):
+    """A run that cannot be measured; the message names the file."""
 
 
 def _warm(zips: list[str]) -> None:
@@ -52,10 +56,12 @@ def time_build(zips: list[str], workdir: Path, workers: int, verify: str) -> tup
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "sharding.build", *zips, "--out", str(workdir / "shards")]
     cmd += ["--workers", str(workers), "--verify", verify]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     elapsed = time.perf_counter() - start
-    manifest = json.loads((workdir / "shards" / "manifest.json").read_text())
-    return elapsed, manifest
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise BenchmarkError(f"sharding.build failed: {reason}")
+    return elapsed, read_manifest(workdir / "shards")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,16 +72,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", choices=("header", "decode"), default="header")
     p.add_argument("--tmp", help="directory for the outputs (default: system temp)")
     a = p.parse_args(argv)
-    missing = [z for z in a.zips if not os.path.isfile(z)]
-    if missing:
-        print(f"error: {missing[0]}: no such file", file=sys.stderr)
+    for path in a.zips:
+        if not os.path.isfile(path):
+            what = "is a directory, expected a batch zip" if os.path.isdir(path) else "no such file"
+            print(f"error: {path}: {what}", file=sys.stderr)
+            return 1
+    try:
+        _warm(a.zips)
+        with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
+            unzip_s, tool = time_unzip(a.zips, Path(tmp) / "unzipped")
+            shutil.rmtree(Path(tmp) / "unzipped")
+            build_s, manifest = time_build(a.zips, Path(tmp), a.workers, a.verify)
+    except (BenchmarkError, subprocess.CalledProcessError, zipfile.BadZipFile, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
-
-    _warm(a.zips)
-    with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
-        unzip_s, tool = time_unzip(a.zips, Path(tmp) / "unzipped")
-        shutil.rmtree(Path(tmp) / "unzipped")
-        build_s, manifest = time_build(a.zips, Path(tmp), a.workers, a.verify)
     samples = sum(s["samples"] for s in manifest["splits"].values())
     zip_bytes = sum(os.path.getsize(z) for z in a.zips)
     result = {

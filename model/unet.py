@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from sharding.shard_format import GEOMETRY, Geometry
 
 # The faster layout in every CPU timing of benchmarks/model_step.py (forward, loss, backward,
 # SGD; batch 8, 2 cores, OMP_WAIT_POLICY=PASSIVE): 15.1 vs 9.2 samples/s, and 0.44 vs 0.63
@@ -33,13 +36,26 @@ class UNetConfig:
         depth_size: side of the depth output; ``mask_size / depth_size`` must be a power
             of two and the depth head branches off the decoder at that resolution.
         channels_last: keep weights and activations in NHWC; faster on CPU and CUDA.
+
+    The size defaults are the dataset's (``sharding.shard_format.GEOMETRY``), as are the
+    loader's; ``UNetConfig.for_geometry(loader_cfg.geometry, ...)`` ties a model to a loader.
     """
 
     in_channels: int = 3
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
-    mask_size: int = 160
-    depth_size: int = 80
+    mask_size: int = GEOMETRY.image_size
+    depth_size: int = GEOMETRY.depth_size
     channels_last: bool = True
+
+    @classmethod
+    def for_geometry(cls, geometry: Geometry, **fields: Any) -> UNetConfig:
+        """A config whose input and outputs have ``geometry``'s sizes (e.g. a loader's)."""
+        return cls(mask_size=geometry.image_size, depth_size=geometry.depth_size, **fields)
+
+    @property
+    def geometry(self) -> Geometry:
+        """The sizes this model takes and returns, comparable with ``LoaderConfig.geometry``."""
+        return Geometry(self.mask_size, self.depth_size)
 
     def __post_init__(self) -> None:
         # A list from argparse or JSON would make the frozen config unhashable.

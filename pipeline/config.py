@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sharding.shard_format import GEOMETRY, Geometry
+
 BACKENDS = ("auto", "dali", "torch")
 LAST_BATCH = ("partial", "drop")
-SPLITS = ("train", "test")
 
 
 class LoaderError(RuntimeError):
@@ -31,8 +32,10 @@ class LoaderConfig:
     noise_std: float = 0.05  # in [0, 1] pixel units
     noise_prob: float = 0.2
     last_batch: str = "partial"  # "partial" or "drop"
-    image_size: int = 160
-    depth_size: int = 80
+    # Output sides: bg, fg_bg and mask at image_size, depth at depth_size (resized if stored
+    # otherwise). The defaults are the dataset's, as are UNetConfig's; see ``geometry``.
+    image_size: int = GEOMETRY.image_size
+    depth_size: int = GEOMETRY.depth_size
     mean: float = 0.5
     std: float = 0.25
     shard_id: int | None = None  # None: torch.distributed rank when initialised, else 0
@@ -73,6 +76,11 @@ class LoaderConfig:
             raise LoaderError(
                 f"shard_id={self.shard_id} must be in [0, num_shards={self.num_shards})"
             )
+
+    @property
+    def geometry(self) -> Geometry:
+        """The sizes of the batches this config delivers; ``UNetConfig.for_geometry`` takes it."""
+        return Geometry(self.image_size, self.depth_size)
 
 
 def resolve_shard(cfg: LoaderConfig) -> tuple[int, int]:

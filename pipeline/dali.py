@@ -18,7 +18,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipeline.config import LoaderConfig, LoaderError
-from pipeline.source import PARTS, Shard, find_undecodable
+from pipeline.source import Shard, find_undecodable
+from sharding.shard_format import IMAGE_EXTS, PARTS
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def shard_pipeline(
         name="Reader",  # the iterator needs the name to know where the epoch ends
         paths=paths,
         index_paths=index_paths,
-        ext=[f"{part}.jpg" for part in PARTS],
+        ext=list(IMAGE_EXTS),
         missing_component_behavior="error",
         random_shuffle=shuffle,
         initial_fill=fill,
@@ -207,7 +208,7 @@ def _reason(exc: BaseException) -> str:
 def decode_only_pipeline(paths, index_paths, channels):
     """The four JPEG decodes per sample and nothing else: the CPU decode ceiling."""
     bg, fg_bg, mask, depth = fn.readers.webdataset(
-        name="Reader", paths=paths, index_paths=index_paths, ext=[f"{p}.jpg" for p in PARTS]
+        name="Reader", paths=paths, index_paths=index_paths, ext=list(IMAGE_EXTS)
     )
     colour = types.RGB if channels == 3 else types.GRAY
     return (

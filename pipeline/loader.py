@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from pipeline.augment import finish_batch, noise_bank
-from pipeline.config import SPLITS, LoaderConfig, LoaderError, resolve_shard
+from pipeline.config import LoaderConfig, LoaderError, resolve_shard
 from pipeline.source import DataSource, resolve_source
+from sharding.shard_format import SPLITS
 
 log = logging.getLogger(__name__)
 

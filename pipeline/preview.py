@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
+        return 1
     try:
         cfg = LoaderConfig(
             backend=args.loader,
@@ -83,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         batch = next(iter(loader.epoch(args.epoch)))
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    with atomic_path(args.out) as tmp:
-        render_grid(batch, cfg, args.n).save(tmp, format="PNG")
+        return 1
+    try:
+        with atomic_path(args.out) as tmp:
+            render_grid(batch, cfg, args.n).save(tmp, format="PNG")
+    except OSError as exc:
+        print(f"error: {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
+        return 1
     print(f"wrote {args.out}: {min(args.n, len(batch['key']))} samples from {loader!r}")
     return 0
 

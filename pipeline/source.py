@@ -2,13 +2,13 @@
 
 Every check here is cheap (file sizes, tar magic, the index's last offset), so a missing,
 truncated or foreign file fails at ``build_loader`` with its path instead of deep inside a
-DALI worker thread or a DataLoader worker.
+DALI worker thread or a DataLoader worker. The manifest, index and member formats come from
+``sharding.shard_format``, which the build writes with.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import tarfile
@@ -17,13 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import LoaderError
+from sharding.shard_format import (
+    MANIFEST,
+    PARTS,
+    TAR_SUFFIX,
+    IndexFormatError,
+    ManifestError,
+    ManifestMissing,
+    index_data_end,
+    index_path_for,
+    parse_index,
+    part_of,
+    read_manifest,
+    split_member,
+)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "maskdepth-shards"
-FORMAT_VERSION = 1
-PARTS = ("bg", "fg_bg", "mask", "depth")
 _TAR_BLOCK = 512
 
 
@@ -55,7 +65,7 @@ def resolve_source(source: str | os.PathLike, split: str) -> DataSource:
     text = os.fspath(source)
     if os.path.isdir(text):
         return _from_manifest(Path(text), split)
-    if not os.path.exists(text) and not any(c in text for c in "{}") and ".tar" not in text:
+    if not os.path.exists(text) and not any(c in text for c in "{}") and TAR_SUFFIX not in text:
         raise LoaderError(
             f"{text}: no such dataset directory (one with manifest.json) or shard file"
         )
@@ -64,21 +74,15 @@ def resolve_source(source: str | os.PathLike, split: str) -> DataSource:
 
 def _from_manifest(root: Path, split: str) -> DataSource:
     manifest_path = root / MANIFEST
-    if not manifest_path.is_file():
-        raise LoaderError(
-            f"{manifest_path}: not found; build shards with `python -m sharding.build` "
-            "or pass a shard URL such as 'DIR/train-{000000..000009}.tar'"
-        )
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise LoaderError(f"{manifest_path}: unreadable manifest ({exc})") from exc
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        manifest = read_manifest(root)
+    except ManifestMissing as exc:
         raise LoaderError(
-            f"{manifest_path}: format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')!r}, expected {FORMAT!r} version {FORMAT_VERSION}"
-        )
-    splits = manifest.get("splits", {})
+            f"{exc}, or pass a shard URL such as 'DIR/train-{{000000..000009}}.tar'"
+        ) from None
+    except ManifestError as exc:
+        raise LoaderError(str(exc)) from None
+    splits = manifest["splits"]
     if split not in splits:
         raise LoaderError(f"{manifest_path}: no split {split!r} (has {sorted(splits)})")
     shards = []
@@ -126,7 +130,7 @@ def expand_url(url: str) -> list[str]:
 def _from_url(url: str) -> DataSource:
     shards = []
     for path in expand_url(url):
-        index = path[: -len(".tar")] + ".idx" if path.endswith(".tar") else None
+        index = index_path_for(path)
         index = index if index and os.path.isfile(index) else None
         shards.append(Shard(path, index, check_shard(path, index)))
     channels, sizes = _probe_first_sample(shards[0].path)
@@ -153,26 +157,16 @@ def check_shard(path: str, index: str | None) -> int:
 
 def _count_by_index(path: str, index: str, size: int) -> int:
     try:
-        lines = Path(index).read_text().splitlines()
-        version, count = lines[0].split()
-        count = int(count)
-        entries = [line.split() for line in lines[1:] if line.strip()]
-        # Each entry is (ext, offset, size[, name]) repeated; the data must end inside the file.
-        end = max(
-            int(fields[i + 1]) + int(fields[i + 2])
-            for fields in entries
-            for i in range(0, len(fields), 4 if version == "v1.2" else 3)
-        )
-    except (OSError, ValueError, IndexError) as exc:
+        samples = parse_index(Path(index).read_text())
+    except (OSError, UnicodeDecodeError, IndexFormatError) as exc:
         raise LoaderError(f"{index}: unreadable DALI index ({exc}); rebuild the shards") from exc
-    if count != len(entries):
-        raise LoaderError(f"{index}: header says {count} samples, lists {len(entries)}")
+    end = index_data_end(samples)  # the data of every member must end inside the file
     if end > size:
         raise LoaderError(
             f"{path}: truncated ({size} bytes, its index {index} needs {end}); "
             "re-copy or rebuild the shard"
         )
-    return count
+    return len(samples)
 
 
 def _count_by_scan(path: str) -> int:
@@ -181,7 +175,7 @@ def _count_by_scan(path: str) -> int:
         with tarfile.open(path, "r:") as archive:
             for member in archive:
                 if member.isfile():
-                    keys.add(member.name.split(".", 1)[0])
+                    keys.add(split_member(member.name)[0])
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LoaderError(f"{path}: corrupt or truncated tar ({exc})") from exc
     return len(keys)
@@ -195,9 +189,8 @@ def _probe_first_sample(path: str) -> tuple[int, dict]:
     try:
         with tarfile.open(path, "r:") as archive:
             for member in archive:
-                ext = member.name.partition(".")[2]
-                part = ext[: -len(".jpg")] if ext.endswith(".jpg") else None
-                if part in PARTS and part not in found:
+                part = part_of(split_member(member.name)[1])
+                if part is not None and part not in found:
                     data = archive.extractfile(member).read()
                     with Image.open(io.BytesIO(data)) as image:
                         found[part] = (image.mode, (image.height, image.width))

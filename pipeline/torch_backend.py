@@ -23,11 +23,12 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.augment import finish_batch, noise_bank
 from pipeline.config import LoaderConfig, LoaderError
-from pipeline.source import PARTS, Shard
+from pipeline.source import Shard
+from sharding.shard_format import IMAGE_EXTS, PARTS, image_ext
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {f"{part}.jpg" for part in PARTS}
+SUFFIXES = set(IMAGE_EXTS)
 
 
 def read_samples(shards: list[Shard], start: int, stop: int) -> Iterator[dict]:
@@ -82,9 +83,9 @@ def decode(data: bytes, mode: str, size: int) -> np.ndarray:
 
 def _decode_named(sample: dict, part: str, mode: str, size: int) -> np.ndarray:
     try:
-        return decode(sample[f"{part}.jpg"], mode, size)
+        return decode(sample[image_ext(part)], mode, size)
     except (OSError, ValueError, SyntaxError) as exc:
-        name = f"{sample['__key__']}.{part}.jpg"
+        name = f"{sample['__key__']}.{image_ext(part)}"
         raise LoaderError(f"{sample['__url__']}: {name}: cannot decode ({exc})") from None
 
 

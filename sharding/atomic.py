@@ -68,7 +68,9 @@ def atomic_write(
             os.fsync(f.fileno())
 
 
-def write_json(path: str | os.PathLike, payload: Any) -> None:
+def write_json(
+    path: str | os.PathLike, payload: Any, *, indent: int = 2, sort_keys: bool = False
+) -> None:
     """Write ``payload`` as indented JSON, atomically."""
     with atomic_write(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(payload, indent=2) + "\n")
+        f.write(json.dumps(payload, indent=indent, sort_keys=sort_keys) + "\n")

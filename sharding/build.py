@@ -3,7 +3,9 @@
     python -m sharding.build data/zips/batch*_images.zip --out data/shards
 
 The zips are read in place, never extracted. Every JPEG is validated, so a broken file is
-caught here rather than halfway through training. ``manifest.json`` is written last, only on
+caught here rather than halfway through training. What the shards, indexes and manifest look
+like is defined in ``sharding.shard_format``. Workers stage each shard under a temporary name;
+the finished shards are renamed into place and ``manifest.json`` is written last, only on
 success: its presence means the shards are complete.
 """
 
@@ -30,17 +32,29 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sharding.atomic import TMP_PREFIX, atomic_write
 from sharding.jpeg import JpegError, decode_check, parse_header
-from sharding.layout import PARTS, ZipLayout, batch_number, classify, zip_tag
+from sharding.layout import ZipLayout, batch_number, classify, zip_tag
+from sharding.shard_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_SUFFIX,
+    MANIFEST,
+    META_EXT,
+    PARTS,
+    SHARD_FILE,
+    SPLITS,
+    TAR_SUFFIX,
+    image_ext,
+    shard_stem,
+    write_manifest,
+)
 from sharding.tario import ShardWriter
 
 log = logging.getLogger(__name__)
 
-FORMAT = "maskdepth-shards"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 # What a build writes, and so what --overwrite or a re-run after a killed build may remove.
-_OWN_FILE = re.compile(r"(train|test)-\d{6}\.(tar|idx)|manifest\.json|\.tmp-.*")
+_OWN_FILE = re.compile(rf"{SHARD_FILE.pattern}|{re.escape(MANIFEST)}|{re.escape(TMP_PREFIX)}.*")
 # Tar headers and the JSON member add about this much to each sample's JPEG bytes.
 _SAMPLE_OVERHEAD = 5 * 1024 + 200
 
@@ -264,8 +278,8 @@ def _read_checked(zf: ZipReader, member: str, verify: str):
 
 
 def write_shard(job: dict) -> dict:
-    """Write one shard's tar and index under temporary names; return its record and skips."""
-    zips, verify, out, tmp_name = job["zips"], job["verify"], Path(job["out"]), job["tmp"]
+    """Stage one shard's tar and index under temporary names; return its record and skips."""
+    zips, verify, out, staged = job["zips"], job["verify"], Path(job["out"]), job["staged"]
     writer = ShardWriter()
     skipped: list[dict] = []
     image_stats: Counter = Counter()
@@ -294,7 +308,7 @@ def write_shard(job: dict) -> dict:
             except (zipfile.BadZipFile, OSError) as e:
                 skipped.append(_skip(zips, ref, member, "unreadable_member", str(e)))
                 break
-            members[f"{part}.jpg"] = data
+            members[image_ext(part)] = data
             image_stats[(part, info.mode, info.width, info.height)] += 1
         else:
             meta = {
@@ -304,7 +318,7 @@ def write_shard(job: dict) -> dict:
                 "placement": ref.n,
                 "zip": os.path.basename(zips[ref.zip_index]),
             }
-            members["json"] = json.dumps(meta, sort_keys=True).encode()
+            members[META_EXT] = json.dumps(meta, sort_keys=True).encode()
             writer.add_sample(ref.key, members)
     tar_chunks, index_bytes = writer.finish()
     count = len(writer.samples)
@@ -312,10 +326,10 @@ def write_shard(job: dict) -> dict:
     for chunk in tar_chunks:
         digest.update(chunk)
     if count:
-        _write_file(out / f"{tmp_name}.tar", tar_chunks)
-        _write_file(out / f"{tmp_name}.idx", [index_bytes])
+        _write_file(out / f"{staged}{TAR_SUFFIX}", tar_chunks)
+        _write_file(out / f"{staged}{INDEX_SUFFIX}", [index_bytes])
     return {
-        "tmp": tmp_name,
+        "staged": staged,
         "samples": count,
         "bytes": sum(map(len, tar_chunks)),
         "sha256": digest.hexdigest(),
@@ -334,13 +348,11 @@ def _skip(zips, ref: SampleRef, member: str, reason: str, detail: str) -> dict:
 
 
 def _write_file(path: Path, chunks: list[bytes]) -> None:
+    """Write a staged file whole (atomically, fsynced) or not at all."""
     try:
-        with open(path, "wb") as f:
+        with atomic_write(path) as f:
             f.writelines(chunks)
-            f.flush()
-            os.fsync(f.fileno())
     except OSError as e:
-        path.unlink(missing_ok=True)
         raise BuildError(f"{path}: write failed ({e.strerror})") from None
 
 
@@ -415,7 +427,7 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
     out = prepare_out(cfg)
 
     jobs = []
-    for split in ("train", "test"):
+    for split in SPLITS:
         split_samples = [s for s in samples if (s.zip_index in test_idx) == (split == "test")]
         # DALI only shuffles within a buffer, so a global shuffle on disk is what mixes batches.
         random.Random(f"{cfg.seed}-{split}").shuffle(split_samples)
@@ -427,7 +439,9 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
                     "zips": zips,
                     "verify": cfg.verify,
                     "out": str(out),
-                    "tmp": f".tmp-{split}-{i:06d}",
+                    # Staged under the atomic writer's prefix, so any cleanup finds it; renamed
+                    # to its final, contiguous name only once every shard is written.
+                    "staged": f"{TMP_PREFIX}{shard_stem(split, i)}",
                 }
             )
     results = _run_jobs(jobs, cfg.workers, len(samples), progress, out)
@@ -468,13 +482,13 @@ def _run_jobs(jobs, workers, total, progress, out: Path) -> list[dict]:
 
 
 def _remove_tmp(out: Path) -> None:
-    for p in out.glob(".tmp-*"):
+    for p in out.glob(f"{TMP_PREFIX}*"):
         p.unlink(missing_ok=True)
 
 
 def _finalise(cfg, out: Path, jobs, results, skips: Skips, ignored, per_shard) -> dict:
     """Rename finished shards to contiguous names, then write the manifest last."""
-    splits: dict[str, dict] = {s: {"samples": 0, "shards": []} for s in ("train", "test")}
+    splits: dict[str, dict] = {s: {"samples": 0, "shards": []} for s in SPLITS}
     stats: Counter = Counter()
     for job, result in zip(jobs, results):
         for part, mode, w, h, n in result["image_stats"]:
@@ -482,14 +496,14 @@ def _finalise(cfg, out: Path, jobs, results, skips: Skips, ignored, per_shard) -
         if not result["samples"]:
             continue  # every sample of this shard was skipped
         split = splits[job["split"]]
-        name = f"{job['split']}-{len(split['shards']):06d}"
-        os.replace(out / f"{result['tmp']}.idx", out / f"{name}.idx")
-        os.replace(out / f"{result['tmp']}.tar", out / f"{name}.tar")
+        name = shard_stem(job["split"], len(split["shards"]))
+        os.replace(out / f"{result['staged']}{INDEX_SUFFIX}", out / f"{name}{INDEX_SUFFIX}")
+        os.replace(out / f"{result['staged']}{TAR_SUFFIX}", out / f"{name}{TAR_SUFFIX}")
         split["samples"] += result["samples"]
         split["shards"].append(
             {
-                "file": f"{name}.tar",
-                "index": f"{name}.idx",
+                "file": f"{name}{TAR_SUFFIX}",
+                "index": f"{name}{INDEX_SUFFIX}",
                 "samples": result["samples"],
                 "bytes": result["bytes"],
                 "sha256": result["sha256"],
@@ -512,9 +526,10 @@ def _finalise(cfg, out: Path, jobs, results, skips: Skips, ignored, per_shard) -
         },
         "sources": [os.path.basename(z) for z in cfg.zips],
     }
-    tmp = out / ".tmp-manifest.json"
-    _write_file(tmp, [(json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()])
-    os.replace(tmp, out / MANIFEST)
+    try:
+        write_manifest(out, manifest)
+    except OSError as e:
+        raise BuildError(f"{out / MANIFEST}: write failed ({e.strerror})") from None
     return manifest
 
 
@@ -570,6 +585,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     a = p.parse_args(argv)
     if a.samples_per_shard is not None and a.samples_per_shard < 1:
         p.error("--samples-per-shard must be at least 1")
+    if a.workers < 1:
+        p.error(f"--workers must be at least 1, got {a.workers}")
     return ShardConfig(
         zips=tuple(a.zips),
         out=a.out,

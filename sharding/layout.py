@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-PARTS = ("bg", "fg_bg", "mask", "depth")
+# The part (see ``shard_format.PARTS``) each of the zip's folders holds.
 FOLDERS = {
     "bg_jpg": "bg",
     "fg_bg_jpg": "fg_bg",

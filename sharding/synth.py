@@ -13,7 +13,6 @@ import argparse
 import io
 import itertools
 import multiprocessing
-import os
 import sys
 import time
 import zipfile
@@ -24,6 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from sharding.atomic import TMP_PREFIX, atomic_path
+from sharding.shard_format import GEOMETRY
 
 # A fixed timestamp keeps zips byte-identical between runs with the same seed.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -39,8 +41,8 @@ class SynthConfig:
     foregrounds: int = 100
     placements: int = 20
     seed: int = 0
-    image_size: int = 160
-    depth_size: int = 80
+    image_size: int = GEOMETRY.image_size
+    depth_size: int = GEOMETRY.depth_size
     rgb: bool = False
     assets: str | None = None
     quality: int = 90
@@ -112,12 +114,20 @@ def _procedural_foreground(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.dstack([rgb, alpha * 255]).astype(np.uint8)
 
 
-def _load_assets(assets: Path, cfg: SynthConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Real backgrounds (``bg/*.jpg``) and RGBA cut-outs (``fg/*.png``), cycled to the counts."""
+def _asset_files(assets: Path) -> tuple[list[Path], list[Path]]:
+    """The background photos (``bg/*.jpg``) and cut-outs (``fg/*.png``) in ``assets``."""
+    if not assets.is_dir():
+        raise SynthError(f"--assets {assets}: no such directory")
     bg_files = sorted((assets / "bg").glob("*.jpg"))
     fg_files = sorted((assets / "fg").glob("*.png"))
     if not bg_files or not fg_files:
         raise SynthError(f"{assets}: expected bg/*.jpg and fg/*.png (see shared/eva-assets)")
+    return bg_files, fg_files
+
+
+def _load_assets(assets: Path, cfg: SynthConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Real backgrounds (``bg/*.jpg``) and RGBA cut-outs (``fg/*.png``), cycled to the counts."""
+    bg_files, fg_files = _asset_files(assets)
     size = cfg.image_size
     bgs = [
         np.asarray(Image.open(bg_files[i % len(bg_files)]).convert("RGB").resize((size, size)))
@@ -187,9 +197,8 @@ def _write_batch(args: tuple[SynthConfig, int]) -> tuple[str, int]:
         return _jpeg(img, cfg.quality)
 
     out = Path(cfg.out) / f"batch{batch}_images.zip"
-    tmp = out.with_name(f".{out.name}.tmp")
     count = 0
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+    with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
 
         def put(name: str, data: bytes) -> None:
             zf.writestr(zipfile.ZipInfo(name, date_time=_ZIP_DATE), data)
@@ -215,7 +224,6 @@ def _write_batch(args: tuple[SynthConfig, int]) -> tuple[str, int]:
                         count += 1
                         if count % 64 == 0:
                             _report_progress(64)
-    os.replace(tmp, out)
     return str(out), count
 
 
@@ -236,8 +244,8 @@ def _report_progress(n: int) -> None:
 def generate(cfg: SynthConfig, progress: bool = True) -> list[Path]:
     """Write every batch zip of ``cfg``; return their paths in batch order."""
     cfg.validate()
-    if cfg.assets and not Path(cfg.assets).is_dir():
-        raise SynthError(f"--assets {cfg.assets}: no such directory")
+    if cfg.assets:
+        _asset_files(Path(cfg.assets))  # fail before creating anything
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, k) for k in range(1, cfg.batches + 1)]
@@ -260,7 +268,8 @@ def generate(cfg: SynthConfig, progress: bool = True) -> list[Path]:
         bar.update(bar.total - bar.n)
     finally:
         bar.close()
-        for tmp in out.glob(".batch*_images.zip.tmp"):  # an interrupted batch leaves no zip
+        # A killed worker skips the atomic writer's own cleanup: an unfinished batch leaves no zip.
+        for tmp in out.glob(f"{TMP_PREFIX}*-batch*_images.zip"):
             tmp.unlink(missing_ok=True)
     return paths
 
@@ -278,8 +287,10 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
     p.add_argument("--foregrounds", type=int, default=100, help="foregrounds, split over batches")
     p.add_argument("--placements", type=int, default=20, help="random placements per fg/bg/flip")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=160, help="bg, fg_bg and mask side")
-    p.add_argument("--depth-size", type=int, default=80, help="depth map side")
+    p.add_argument(
+        "--image-size", type=int, default=GEOMETRY.image_size, help="bg, fg_bg and mask side"
+    )
+    p.add_argument("--depth-size", type=int, default=GEOMETRY.depth_size, help="depth map side")
     p.add_argument("--rgb", action="store_true", help="colour JPEGs (the real set is grayscale)")
     p.add_argument("--assets", help="real assets: DIR/bg/*.jpg and DIR/fg/*.png (RGBA cut-outs)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality")
@@ -290,12 +301,17 @@ def parse_args(argv: list[str] | None = None) -> SynthConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    try:
+        cfg.validate()
+    except SynthError as e:  # a bad option value: a usage error
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         paths = generate(cfg)
-    except SynthError as e:
+    except SynthError as e:  # unusable assets
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         print(
             "interrupted: finished zips are kept, the unfinished one was removed", file=sys.stderr

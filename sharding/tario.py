@@ -1,11 +1,10 @@
-"""Deterministic WebDataset tar writing, and the DALI index (``wds2idx`` format) beside it."""
+"""Deterministic WebDataset tar writing; the index beside each tar is in ``shard_format``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-INDEX_VERSION = "v1.2"
-
+from sharding.shard_format import IndexEntry, format_index, member_name
 
 BLOCK = 512
 RECORD = 20 * BLOCK  # tar pads the archive to whole records, as GNU tar and Python's tarfile do
@@ -51,16 +50,14 @@ class ShardWriter:
 
     chunks: list[bytes] = field(default_factory=list)
     offset: int = 0
-    samples: list[list[tuple[str, int, int, str]]] = field(default_factory=list)
+    samples: list[list[IndexEntry]] = field(default_factory=list)
 
     def add_sample(self, key: str, members: dict[str, bytes]) -> None:
         """Append ``{key}.{ext}`` for each ``ext`` in ``members``, in the given order."""
-        if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
         components = []
         pieces = []
         for ext, data in members.items():
-            name = f"{key}.{ext}"
+            name = member_name(key, ext)
             pad = -len(data) % BLOCK
             pieces += (ustar_header(name, len(data)), data, bytes(pad))
             components.append((ext, self.offset + BLOCK, len(data), name))
@@ -77,35 +74,3 @@ class ShardWriter:
         end = self.offset + 2 * BLOCK  # two zero blocks mark the end
         self.chunks.append(bytes(2 * BLOCK + (-end % RECORD)))
         return self.chunks, format_index(self.samples).encode()
-
-
-def format_index(samples: list[list[tuple[str, int, int, str]]]) -> str:
-    """The text ``wds2idx`` writes: a version line, then ``ext offset size name`` per member."""
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    for components in samples:
-        lines.append(" ".join(f"{ext} {off} {size} {name}" for ext, off, size, name in components))
-    return "\n".join(lines) + "\n"
-
-
-def parse_index(text: str) -> list[list[tuple[str, int, int, str]]]:
-    """Read an index written by ``format_index`` or ``wds2idx``; raise ValueError if malformed."""
-    lines = text.splitlines()
-    if not lines:
-        raise ValueError("empty index")
-    head = lines[0].split()
-    if len(head) != 2 or head[0] != INDEX_VERSION or not head[1].isdigit():
-        raise ValueError(f"bad index header {lines[0]!r}")
-    samples = []
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) % 4:
-            raise ValueError(f"bad index line {line!r}")
-        samples.append(
-            [
-                (fields[i], int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
-                for i in range(0, len(fields), 4)
-            ]
-        )
-    if len(samples) != int(head[1]):
-        raise ValueError(f"index says {head[1]} samples but lists {len(samples)}")
-    return samples

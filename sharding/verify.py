@@ -3,25 +3,30 @@
     python -m sharding.verify data/shards [--decode]
 
 Checks each shard's sha256 and sample count, that its index matches the tar byte for byte, that
-every sample has all five members, and that no key appears twice. Exits non-zero on a mismatch.
+every sample has all five members, and that no key appears twice. Exits 1 on a mismatch.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tarfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from sharding.build import FORMAT, FORMAT_VERSION, MANIFEST
 from sharding.jpeg import JpegError, decode_check, parse_header
-from sharding.tario import parse_index
-
-EXPECTED_MEMBERS = ("bg.jpg", "fg_bg.jpg", "mask.jpg", "depth.jpg", "json")
+from sharding.shard_format import (
+    IMAGE_EXTS,
+    MANIFEST,
+    MEMBER_EXTS,
+    IndexFormatError,
+    ManifestError,
+    parse_index,
+    read_manifest,
+    split_member,
+)
 
 
 class VerifyError(Exception):
@@ -30,21 +35,10 @@ class VerifyError(Exception):
 
 def load_manifest(data_dir: Path) -> dict:
     """Read and sanity-check ``manifest.json``."""
-    path = data_dir / MANIFEST
-    if not data_dir.is_dir():
-        raise VerifyError(f"{data_dir}: no such directory")
-    if not path.exists():
-        raise VerifyError(f"{path}: missing (the build did not finish, or this is not a shard dir)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise VerifyError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise VerifyError(
-            f"{path}: format {manifest.get('format')!r} version {manifest.get('format_version')!r}"
-            f", expected {FORMAT!r} version {FORMAT_VERSION}; rebuild with python -m sharding.build"
-        )
-    return manifest
+        return read_manifest(data_dir)
+    except ManifestError as e:
+        raise VerifyError(str(e)) from None
 
 
 def verify_shard(data_dir: Path, shard: dict, decode: bool, seen: set[str]) -> int:
@@ -58,12 +52,12 @@ def verify_shard(data_dir: Path, shard: dict, decode: bool, seen: set[str]) -> i
         raise VerifyError(f"{tar_path}: sha256 does not match the manifest")
     try:
         index = parse_index(idx_path.read_text())
-    except ValueError as e:
+    except IndexFormatError as e:
         raise VerifyError(f"{idx_path}: {e}") from None
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
     with tarfile.open(tar_path) as tar:
         for info in tar:
-            key, _, ext = info.name.partition(".")
+            key, ext = split_member(info.name)
             samples.setdefault(key, {})[ext] = info
     if len(samples) != shard["samples"] or len(index) != shard["samples"]:
         raise VerifyError(
@@ -72,17 +66,19 @@ def verify_shard(data_dir: Path, shard: dict, decode: bool, seen: set[str]) -> i
         )
     for components in index:
         for ext, offset, size, name in components:
-            info = samples.get(name.partition(".")[0], {}).get(ext)
+            if name is None:
+                raise VerifyError(f"{idx_path}: an index without member names; rebuild the shards")
+            info = samples.get(split_member(name)[0], {}).get(ext)
             if info is None or info.offset_data != offset or info.size != size:
                 raise VerifyError(f"{idx_path}: entry for {name} does not match the tar")
     for key, members in samples.items():
-        missing = [ext for ext in EXPECTED_MEMBERS if ext not in members]
+        missing = [ext for ext in MEMBER_EXTS if ext not in members]
         if missing:
             raise VerifyError(f"{tar_path}: sample {key} lacks {', '.join(missing)}")
         if key in seen:
             raise VerifyError(f"{tar_path}: sample {key} appears in more than one place")
         seen.add(key)
-        for ext in EXPECTED_MEMBERS[:4]:
+        for ext in IMAGE_EXTS:
             info = members[ext]
             blob = data[info.offset_data : info.offset_data + info.size]
             try:

@@ -329,7 +329,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
     assert "channels_last" in result.stdout and "samples/s" in result.stdout
     # A second run must not clobber the first without --overwrite.
     again = run_module(*args, "--no-compile", "--json", str(out))
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert again.returncode == 1 and "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
 
 

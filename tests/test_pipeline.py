@@ -385,7 +385,7 @@ def test_preview_writes_png(tiny_shards_rgb, tmp_path):
     with Image.open(out) as image:
         assert image.format == "PNG" and image.width > 4 * 160 and image.height > 3 * 160
     again = run_cli("-m", "pipeline.preview", "--data", str(tiny_shards_rgb), "--out", str(out))
-    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert again.returncode == 1 and "--overwrite" in again.stderr
     assert not list(tmp_path.glob(".tmp-*"))
 
 
