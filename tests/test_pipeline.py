@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -402,21 +403,36 @@ def test_benchmark_runs_end_to_end(tiny_shards, tmp_path):
         "8",
         "--batches",
         "2",
+        "--rounds",
+        "2",
+        "--both-augment-in",
         "--no-progress",
-        timeout=180,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert set(report) == {"machine", "data", "loaders", "ratios"}
     names = {"seed-baseline", "webdataset", "decode-ceiling"}
-    names |= {"dali-cpu"} if dali_available() else set()
+    names |= {"dali-cpu", "dali-cpu [augment-in=dali]"} if dali_available() else set()
     assert names <= set(report["loaders"])
-    assert all(r["samples_per_s"] > 0 for r in report["loaders"].values())
-    assert report["data"] == {**report["data"], "channels": 1, "samples": 32}
-    assert report["machine"]["cores"] >= 1
+    for name, r in report["loaders"].items():
+        assert len(r["rounds"]) == 2 and all(rate > 0 for rate in r["rounds"]), name
+        assert r["samples_per_s"] == statistics.median(r["rounds"]), name
+    assert report["data"] == {**report["data"], "channels": 1, "samples": 32, "rounds": 2}
+    machine = report["machine"]
+    assert machine["cores"] >= 1
+    assert len(machine["load_average_at_start"]) == len(machine["load_average_at_end"]) == 3
     if dali_available():
+        assert report["loaders"]["dali-cpu"]["augment_in"] == "torch"  # auto, on the CPU
+        assert report["loaders"]["dali-cpu [augment-in=dali]"]["augment_in"] == "dali"
         assert {"dali-cpu / decode-ceiling", "dali-cpu / seed-baseline"} <= set(report["ratios"])
+        assert "dali-cpu [augment-in=dali] / dali-cpu" in report["ratios"]
     assert "seed-baseline" in result.stdout
+
+
+def test_benchmark_rejects_zero_rounds(tiny_shards):
+    result = run_cli("-m", "benchmarks.loaders", "--data", str(tiny_shards), "--rounds", "0")
+    assert result.returncode == 2 and "--rounds" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------- GPU
