@@ -12,7 +12,12 @@ depends on ``LoaderConfig.augment_in``, resolved by the ``Loader``:
 - "torch" (the default on the CPU): DALI hands over uint8 HWC and ``pipeline.augment`` does the
   rest in fused torch ops. On the CPU DALI's own colour operators measured 4-5x slower than the
   decode they follow (color_twist or hsv + brightness_contrast: ~500 RGB samples/s against
-  ~2,500/s for decoding alone, same run), and the fused torch path stays faster there.
+  ~2,500/s for decoding alone, same run), and this graph on CPU operators is slower still:
+  `python -m benchmarks.loaders --loaders dali-cpu --both-augment-in --rounds 3 --batches 5`
+  on 1,600 synthetic samples, batch 100, 2-core dev box, no GPU, 2026-11-28 (load ~2): grey
+  1,477 samples/s through torch against 362 in the graph, RGB 669 against 71. Most of the RGB
+  gap is CPU Gaussian noise, drawn for every pixel of every sample (stddev 0 where a sample
+  gets none): 286 samples/s without noise in an ad-hoc run the same day.
 
 The graph applies the same jitter as ``pipeline.augment`` (brightness, contrast about the mean
 grey level, saturation and the grey-axis hue turn, folded into one per-sample affine map by
@@ -22,7 +27,11 @@ batches twice, while the torch path's draws are a function of the sample key alo
 
 The test split is neither shuffled nor augmented, so its pipeline is built once per loader and
 reset between evaluations. A train pipeline is built per epoch: the shard order is part of its
-arguments and changes every epoch.
+arguments and changes every epoch, and a reused reader would carry its shuffle and random
+state over. What that costs: `python -m benchmarks.dali_startup --data DIR --epochs 4` on the
+same data and machine gave 0.05-0.13 s per train epoch start over a steady batch (first batch
+0.19-0.23 s against 0.07-0.17 s per later batch; the first epoch of a process pays ~1.2 s of
+one-off DALI start-up), and ~0 for a reset test pipeline.
 """
 
 from __future__ import annotations

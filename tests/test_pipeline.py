@@ -430,6 +430,23 @@ def test_benchmark_runs_end_to_end(tiny_shards, tmp_path):
     assert "seed-baseline" in result.stdout
 
 
+@needs_dali
+def test_dali_startup_benchmark_runs_end_to_end(tiny_shards, tmp_path):
+    out = tmp_path / "startup.json"
+    result = run_cli(
+        "-m", "benchmarks.dali_startup", "--data", str(tiny_shards), "--json", str(out),
+        "--epochs", "2", "--batch-size", "8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["splits"]) == {"train", "test"}
+    for split in report["splits"].values():
+        assert [e["batches"] for e in split["epochs"]] == [4, 4]  # 32 samples, batches of 8
+        assert all(e["first_batch_s"] > 0 for e in split["epochs"])
+    assert report["splits"]["test"]["pipeline"] == "built once, reset"
+    assert "epoch start costs" in result.stdout
+
+
 def test_benchmark_rejects_zero_rounds(tiny_shards):
     result = run_cli("-m", "benchmarks.loaders", "--data", str(tiny_shards), "--rounds", "0")
     assert result.returncode == 2 and "--rounds" in result.stderr
