@@ -1,6 +1,7 @@
 """Time every loader on the same samples with the same augmentation, in one run.
 
     python -m benchmarks.loaders --data data/shards [--json out.json] [--batch-size 100]
+        [--rounds 5] [--batches 10] [--augment-in auto|dali|torch] [--both-augment-in]
 
 seed-baseline  the reference's way: loose JPEG folders, PIL + ImageEnhance jitter per sample,
                torch noise, a DataLoader with one worker per core
@@ -9,6 +10,14 @@ dali-cpu       pipeline's DALI backend on CPU threads
 dali-gpu       pipeline's DALI backend on the GPU (only when CUDA is available)
 decode-ceiling the four JPEG decodes per sample and nothing else, on all cores, with the
                faster of DALI's CPU decoder and PIL in one process per core
+decode-ceiling-gpu  DALI's mixed (nvJPEG) decode alone: the dali-gpu ceiling (CUDA only)
+
+Loaders are timed in interleaved rounds (round-robin, each loader started afresh per round,
+warmed up, then ``--batches`` timed batches), so that a change in the machine's load shows up
+in every loader's rounds rather than in one loader's figure; each loader reports every round
+and their median. ``--augment-in`` picks where DALI loaders finish batches (in the DALI graph
+or in torch); dali-gpu also runs with the other value by default on CUDA, and every DALI
+loader does with ``--both-augment-in``.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import os
 import platform
 import random
 import resource
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -37,7 +47,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline import LoaderConfig, LoaderError, build_loader
-from pipeline.loader import dali_available
+from pipeline.config import AUGMENT_IN
+from pipeline.loader import dali_available, resolve_augment_in
 from pipeline.source import DataSource, resolve_source
 from sharding.atomic import write_json
 from sharding.shard_format import META_EXT, PARTS, image_ext, part_of, split_member
@@ -47,6 +58,7 @@ log = logging.getLogger(__name__)
 LOADERS = ("seed-baseline", "webdataset", "dali-cpu", "dali-gpu", "decode-ceiling")
 # Untimed batches first: pipeline start-up, and prefetch queues that were filled for free.
 WARMUP_BATCHES = 3
+CEILINGS = {"decode-ceiling": ("pil", "dali"), "decode-ceiling-gpu": ("dali-gpu",)}
 
 
 def cores() -> int:
@@ -140,9 +152,8 @@ class LooseJpegDataset(Dataset):
         return out
 
 
-def seed_baseline(data: DataSource, cfg: LoaderConfig, workdir: Path):
-    samples = extract_loose(data, workdir)
-    dataset = LooseJpegDataset(samples, cfg, data.channels)
+def seed_baseline(samples: list[dict[str, Path]], channels: int, cfg: LoaderConfig):
+    dataset = LooseJpegDataset(samples, cfg, channels)
     epoch = 0
     while True:
         torch.manual_seed(epoch)
@@ -180,8 +191,8 @@ def _pil_decode_chunk(chunk: list[tuple[bytes, str]]) -> int:
     return len(chunk)
 
 
-def pil_ceiling(data: DataSource, batch_size: int, workers: int):
-    """PIL decodes of in-memory JPEG bytes in one process per core (no file or tar I/O)."""
+def encoded_jpegs(data: DataSource) -> list[tuple[bytes, str]]:
+    """Every JPEG of the split in memory, with the PIL mode it decodes to."""
     mode = "RGB" if data.channels == 3 else "L"
     encoded = []
     for shard in data.shards:
@@ -191,6 +202,11 @@ def pil_ceiling(data: DataSource, batch_size: int, workers: int):
                 if part is not None:
                     part_mode = mode if part in ("bg", "fg_bg") else "L"
                     encoded.append((archive.extractfile(member).read(), part_mode))
+    return encoded
+
+
+def pil_ceiling(encoded: list[tuple[bytes, str]], batch_size: int, workers: int):
+    """PIL decodes of in-memory JPEG bytes in one process per core (no file or tar I/O)."""
     per_batch = batch_size * len(PARTS)
     chunks = [encoded[i : i + per_batch] for i in range(0, len(encoded), per_batch)]
     with multiprocessing.get_context("fork").Pool(workers) as pool:
@@ -199,10 +215,12 @@ def pil_ceiling(data: DataSource, batch_size: int, workers: int):
                 yield decoded // len(PARTS)
 
 
-def dali_ceiling(data: DataSource, batch_size: int, workers: int):
+def dali_ceiling(data: DataSource, batch_size: int, workers: int, device_id: int | None = None):
     from pipeline import dali
 
-    yield from dali.decode_only_batches(list(data.shards), data.channels, batch_size, workers)
+    yield from dali.decode_only_batches(
+        list(data.shards), data.channels, batch_size, workers, device_id=device_id
+    )
 
 
 def cpu_seconds() -> float | None:
@@ -229,35 +247,52 @@ def cpu_seconds() -> float | None:
         return None
 
 
-def measure(name: str, batches, count: int, progress: bool) -> dict:
-    """Samples/s over ``count`` batches, after warm-up batches (start-up, prefetch queues)."""
-    start = time.perf_counter()
-    next(batches)
-    first = time.perf_counter() - start
-    for _ in range(WARMUP_BATCHES - 1):
+def time_round(name: str, batches, count: int, progress: bool) -> dict:
+    """One round: samples/s over ``count`` batches after warm-up batches (start-up, queues)."""
+    try:
+        start = time.perf_counter()
         next(batches)
-    samples = 0
-    bar = tqdm(total=count, desc=name, unit="batch", disable=not progress, leave=False)
-    cpu_start, start = cpu_seconds(), time.perf_counter()
-    for _ in range(count):
-        samples += next(batches)
-        bar.update()
-    seconds = time.perf_counter() - start
-    cpu_end = cpu_seconds()
-    bar.close()
-    batches.close()
+        first = time.perf_counter() - start
+        for _ in range(WARMUP_BATCHES - 1):
+            next(batches)
+        samples = 0
+        bar = tqdm(total=count, desc=name, unit="batch", disable=not progress, leave=False)
+        cpu_start, start = cpu_seconds(), time.perf_counter()
+        for _ in range(count):
+            samples += next(batches)
+            bar.update()
+        seconds = time.perf_counter() - start
+        cpu_end = cpu_seconds()
+        bar.close()
+    finally:
+        batches.close()  # stop its workers and pipeline: idle loaders must not steal CPU
+    cpu = cpu_end - cpu_start if cpu_start is not None and cpu_end is not None else None
+    return {"samples": samples, "seconds": seconds, "first_batch_s": first, "cpu_s": cpu}
+
+
+def summarise(rounds: list[dict], count: int) -> dict:
+    """Every round's rate and their median, with totals over the rounds."""
+    rates = [r["samples"] / r["seconds"] for r in rounds]
+    samples = sum(r["samples"] for r in rounds)
     result = {
-        "samples_per_s": samples / seconds,
+        "samples_per_s": statistics.median(rates),
+        "rounds": rates,
         "samples": samples,
-        "batches": count,
-        "seconds": seconds,
-        "first_batch_s": first,
+        "batches": count,  # timed batches per round
+        "seconds": sum(r["seconds"] for r in rounds),
+        "first_batch_s": statistics.median(r["first_batch_s"] for r in rounds),
     }
-    if cpu_start is not None and cpu_end is not None and cpu_end > cpu_start:
+    cpu = [r["cpu_s"] for r in rounds]
+    if all(c is not None and c > 0 for c in cpu):
         # What the rate would be with all cores to ourselves: samples per CPU-second x cores.
-        result["cpu_s"] = cpu_end - cpu_start
-        result["samples_per_s_all_cores_cpu"] = samples / (cpu_end - cpu_start) * cores()
+        result["cpu_s"] = sum(cpu)
+        result["samples_per_s_all_cores_cpu"] = samples / sum(cpu) * cores()
     return result
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages: other users' load skews wall-clock rates."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
 def machine_info() -> dict:
@@ -281,12 +316,62 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "dali": dali_version,
+        "load_average_at_end": load_average(),
         "load_average_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
+def plan(args: argparse.Namespace, data: DataSource, cfg: LoaderConfig, workdir: Path) -> dict:
+    """{name: (a factory of fresh batch generators, extra result fields)} for every run."""
+    gpu = torch.cuda.is_available()
+    wanted = [n for n in args.loaders if n != "dali-gpu" or gpu]
+    if not dali_available():
+        wanted = [n for n in wanted if not n.startswith("dali")]
+    both = args.both_augment_in
+    runs = {}
+    for name in wanted:
+        if name == "seed-baseline":
+            samples = extract_loose(data, workdir)
+            runs[name] = (lambda s=samples: seed_baseline(s, data.channels, cfg), {})
+        elif name == "webdataset":
+            runs[name] = (lambda: pipeline_batches(args.data, cfg), {})
+        elif name in ("dali-cpu", "dali-gpu"):
+            device = "cuda" if name == "dali-gpu" else "cpu"
+            dali_cfg = replace(cfg, backend="dali", device=device, augment_in=args.augment_in)
+            chosen = resolve_augment_in(dali_cfg, "dali")
+            variants = [(name, chosen)]
+            if both or (both is None and name == "dali-gpu"):
+                other = "torch" if chosen == "dali" else "dali"
+                variants.append((f"{name} [augment-in={other}]", other))
+            for label, where in variants:
+                run_cfg = replace(dali_cfg, augment_in=where)
+                runs[label] = (
+                    lambda c=run_cfg: pipeline_batches(args.data, c),
+                    {"augment_in": where},
+                )
+        else:  # decode-ceiling: PIL and DALI on the CPU, and nvJPEG alone on the GPU
+            encoded = encoded_jpegs(data)
+            runs["decode-ceiling/pil"] = (
+                lambda e=encoded: pil_ceiling(e, args.batch_size, cfg.num_threads),
+                {},
+            )
+            if dali_available():
+                runs["decode-ceiling/dali"] = (
+                    lambda: dali_ceiling(data, args.batch_size, cfg.num_threads),
+                    {},
+                )
+                if gpu and "dali-gpu" in wanted:
+                    runs["decode-ceiling-gpu/dali-gpu"] = (
+                        lambda: dali_ceiling(
+                            data, args.batch_size, cfg.num_threads, torch.cuda.current_device()
+                        ),
+                        {},
+                    )
+    return runs
+
+
 def run(args: argparse.Namespace) -> dict:
-    load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     workers = args.workers or cores()
     data = resolve_source(args.data, "train")
     cfg = LoaderConfig(
@@ -297,98 +382,101 @@ def run(args: argparse.Namespace) -> dict:
         shard_id=0,
         num_shards=1,
     )
-    wanted = [n for n in args.loaders if n != "dali-gpu" or torch.cuda.is_available()]
-    if not dali_available():
-        wanted = [n for n in wanted if not n.startswith("dali")]
-    results = {}
     with tempfile.TemporaryDirectory(prefix="seed-baseline-") as workdir:
-        for name in wanted:
-            if name == "seed-baseline":
-                batches = seed_baseline(data, cfg, Path(workdir))
-            elif name == "webdataset":
-                batches = pipeline_batches(args.data, cfg)
-            elif name == "dali-cpu":
-                batches = pipeline_batches(args.data, replace(cfg, backend="dali"))
-            elif name == "dali-gpu":
-                batches = pipeline_batches(args.data, replace(cfg, backend="dali", device="cuda"))
-            else:
-                results[name] = ceiling(data, args, workers)
-                continue
-            results[name] = measure(name, batches, args.batches, args.progress)
-    ratios = {}
-    for a, b in (
-        ("dali-cpu", "decode-ceiling"),
-        ("dali-cpu", "seed-baseline"),
-        ("webdataset", "seed-baseline"),
-        ("dali-gpu", "seed-baseline"),
-    ):
-        if a in results and b in results:
-            ratios[f"{a} / {b}"] = results[a]["samples_per_s"] / results[b]["samples_per_s"]
-            key = "samples_per_s_all_cores_cpu"
-            if key in results[a] and key in results[b]:
-                ratios[f"{a} / {b} (cpu time)"] = results[a][key] / results[b][key]
+        runs = plan(args, data, cfg, Path(workdir))
+        rounds = {name: [] for name in runs}
+        for r in range(args.rounds):
+            for name, (batches, _) in runs.items():
+                label = f"{name} {r + 1}/{args.rounds}"
+                rounds[name].append(time_round(label, batches(), args.batches, args.progress))
+    results = {}
+    for name, (_, extra) in runs.items():
+        results[name] = {**summarise(rounds[name], args.batches), **extra}
+    for ceiling, decoders in CEILINGS.items():
+        measured = {
+            d: results.pop(f"{ceiling}/{d}") for d in decoders if f"{ceiling}/{d}" in results
+        }
+        if measured:
+            best = max(measured, key=lambda d: measured[d]["samples_per_s"])
+            results[ceiling] = {
+                **measured[best],
+                "decoder": best,
+                "by_decoder": {d: r["samples_per_s"] for d, r in measured.items()},
+                "rounds_by_decoder": {d: r["rounds"] for d, r in measured.items()},
+            }
     return {
-        "machine": {**machine_info(), "load_average_1m_at_start": load_at_start},
+        "machine": {
+            **machine_info(),
+            "load_average_at_start": load_at_start,
+            "load_average_1m_at_start": load_at_start[0] if load_at_start else None,
+        },
         "data": {
             "path": str(args.data),
             "channels": data.channels,
             "samples": data.num_samples,
             "batch_size": args.batch_size,
             "batches": args.batches,
+            "rounds": args.rounds,
             "workers": workers,
             "augment": True,
+            "augment_in": args.augment_in,
         },
         "loaders": results,
-        "ratios": ratios,
+        "ratios": ratios(results),
     }
 
 
-def ceiling(data: DataSource, args: argparse.Namespace, workers: int) -> dict:
-    """The faster of the DALI and PIL decode-only runs, recording both."""
-    runs = {
-        "pil": measure(
-            "ceiling-pil", pil_ceiling(data, args.batch_size, workers), args.batches, args.progress
-        )
-    }
-    if dali_available():
-        runs["dali"] = measure(
-            "ceiling-dali",
-            dali_ceiling(data, args.batch_size, workers),
-            args.batches,
-            args.progress,
-        )
-    best = max(runs, key=lambda k: runs[k]["samples_per_s"])
-    return {
-        **runs[best],
-        "decoder": best,
-        "by_decoder": {k: v["samples_per_s"] for k, v in runs.items()},
-    }
+def ratios(results: dict) -> dict:
+    """Rate ratios of the pairs the project's goals are stated in, where both ran."""
+    pairs = [
+        ("dali-cpu", "decode-ceiling"),
+        ("dali-cpu", "seed-baseline"),
+        ("webdataset", "seed-baseline"),
+        ("dali-gpu", "seed-baseline"),
+        ("dali-gpu", "decode-ceiling-gpu"),
+    ]
+    pairs += [(name, name.split(" [")[0]) for name in results if " [augment-in=" in name]
+    out = {}
+    for a, b in pairs:
+        if a in results and b in results:
+            out[f"{a} / {b}"] = results[a]["samples_per_s"] / results[b]["samples_per_s"]
+            key = "samples_per_s_all_cores_cpu"
+            if key in results[a] and key in results[b]:
+                out[f"{a} / {b} (cpu time)"] = results[a][key] / results[b][key]
+    return out
 
 
 def print_table(report: dict) -> None:
     loaders = report["loaders"]
     base = loaders.get("seed-baseline", {}).get("samples_per_s")
     top = loaders.get("decode-ceiling", {}).get("samples_per_s")
+    gpu_top = loaders.get("decode-ceiling-gpu", {}).get("samples_per_s")
     m, d = report["machine"], report["data"]
     print(
         f"# {m['date']}  {m['cores']} cores  gpu={m['gpu']}  torch {m['torch']}  "
         f"dali {m['dali']}  channels={d['channels']}  batch={d['batch_size']}"
     )
     print(
-        f"# load average (1 min): {m['load_average_1m_at_start']} at start, "
-        f"{m['load_average_1m_at_end']} at end; cpu-time rate = samples per CPU-second x cores"
+        f"# load average (1, 5, 15 min): {m['load_average_at_start']} at start, "
+        f"{m['load_average_at_end']} at end; cpu-time rate = samples per CPU-second x cores"
     )
     print(
-        f"{'loader':16s} {'samples/s':>10s} {'x seed':>8s} {'% ceiling':>10s} "
-        f"{'cpu-time rate':>14s}"
+        f"# {d['rounds']} interleaved rounds of {d['batches']} batches; samples/s is their "
+        "median, min-max in brackets"
+    )
+    print(
+        f"{'loader':32s} {'samples/s':>10s} {'rounds min-max':>16s} {'x seed':>8s} "
+        f"{'% ceiling':>10s} {'cpu-time rate':>14s}"
     )
     for name, r in loaders.items():
         rate = r["samples_per_s"]
+        spread = f"{min(r['rounds']):.0f}-{max(r['rounds']):.0f}"
         x_seed = f"{rate / base:.2f}" if base else "-"
-        pct = f"{100 * rate / top:.0f}%" if top else "-"
+        ceiling = gpu_top if "gpu" in name else top
+        pct = f"{100 * rate / ceiling:.0f}%" if ceiling else "-"
         cpu_rate = r.get("samples_per_s_all_cores_cpu")
         cpu_text = f"{cpu_rate:.0f}" if cpu_rate else "-"
-        print(f"{name:16s} {rate:10.0f} {x_seed:>8s} {pct:>10s} {cpu_text:>14s}")
+        print(f"{name:32s} {rate:10.0f} {spread:>16s} {x_seed:>8s} {pct:>10s} {cpu_text:>14s}")
     for name, value in report["ratios"].items():
         print(f"ratio {name}: {value:.2f}")
 
@@ -400,7 +488,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", required=True, help="shard directory (with manifest.json)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--batches", type=int, default=30, help="timed batches per loader")
+    parser.add_argument(
+        "--batches", type=int, default=10, help="timed batches per loader in each round"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="interleaved rounds; each loader reports the median"
+    )
+    parser.add_argument(
+        "--augment-in",
+        default="auto",
+        choices=AUGMENT_IN,
+        help="where DALI loaders finish batches: in the DALI graph, in torch, or auto "
+        "(the graph on CUDA, torch on the CPU)",
+    )
+    parser.add_argument(
+        "--both-augment-in",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run every DALI loader with the other --augment-in value "
+        "(default: dali-gpu only, on CUDA)",
+    )
     parser.add_argument("--workers", type=int, default=0, help="0: one per core")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
@@ -411,8 +518,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.batch_size < 1 or args.batches < 1:
-        print("error: --batch-size and --batches must be at least 1", file=sys.stderr)
+    if args.batch_size < 1 or args.batches < 1 or args.rounds < 1:
+        print("error: --batch-size, --batches and --rounds must be at least 1", file=sys.stderr)
         return 2
     try:
         report = run(args)

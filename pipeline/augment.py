@@ -1,8 +1,14 @@
-"""Augmentation parameters and the uint8 -> normalised float step, shared by every backend.
+"""The torch path: augmentation parameters and the uint8 -> normalised float step.
 
-Parameters are a pure function of (seed, epoch, sample key): the DALI and torch backends, any
-rank count and any batch composition draw the same jitter for the same sample, which makes
-epochs reproducible and lets the tests compare backends with augmentation on.
+Used by the torch backend always, and by the DALI backend when ``LoaderConfig.augment_in``
+resolves to "torch" (the default on the CPU, where these fused ops measured faster than DALI's
+CPU colour operators). On CUDA the default is the same arithmetic inside the DALI graph
+(``pipeline.dali.finish_in_graph``), with parameters drawn by DALI's random operators; this
+module's ``to_float`` is the reference the tests hold that graph to.
+
+Here parameters are a pure function of (seed, epoch, sample key): both backends, any rank
+count and any batch composition draw the same jitter for the same sample, which makes epochs
+reproducible and lets the tests compare backends with augmentation on.
 
 Colour jitter follows torchvision's ColorJitter factors (brightness, contrast and saturation
 factors from [1 - x, 1 + x], hue shift from [-x, x] of a turn) in a fixed order b, c, s, h.
@@ -34,7 +40,9 @@ NOISE_BANK_SIZE = 1 << 22
 # chunk in cache; 2^19 and 2^20 measured best for RGB (2^18: +15%, 2^22: +20% CPU time).
 _CHUNK_VALUES = 1 << 19
 
-_LUMA = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+# Rec. 601 luma weights: the grey level that contrast blends with and saturation keeps.
+LUMA = (0.299, 0.587, 0.114)
+_LUMA = torch.tensor(LUMA, dtype=torch.float64)
 _LUMA_F = _LUMA.float()
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

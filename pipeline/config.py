@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from sharding.shard_format import GEOMETRY, Geometry
 
 BACKENDS = ("auto", "dali", "torch")
+AUGMENT_IN = ("auto", "dali", "torch")
 LAST_BATCH = ("partial", "drop")
 
 
@@ -21,7 +23,9 @@ class LoaderConfig:
     backend: str = "auto"  # "auto" (DALI when it imports), "dali" or "torch"
     device: str = "cpu"  # "cpu", "cuda" or "cuda:N": where the batch tensors land
     batch_size: int = 100
-    num_threads: int = 2  # DALI CPU threads, or DataLoader workers for the torch backend
+    # DALI CPU threads, or DataLoader workers for the torch backend; None: this rank's share of
+    # the CPUs (see ``resolve_threads``)
+    num_threads: int | None = None
     seed: int = 0
     augment: bool = True  # only ever applied to the "train" split
     augment_targets: bool = False  # jitter and noise mask/depth too, as the reference did
@@ -45,10 +49,16 @@ class LoaderConfig:
     # ~40 us/sample amortised over a 2,800-sample epoch, 1024 about half that (measured).
     shuffle_buffer: int = 1024
     return_params: bool = False  # debug: add the drawn augmentation parameters to each batch
+    # Where the float cast, normalisation and augmentation run: "dali" (inside the DALI graph,
+    # on the pipeline's device), "torch" (fused torch ops after DALI decodes, pipeline.augment)
+    # or "auto": "dali" for the DALI backend on CUDA, "torch" otherwise.
+    augment_in: str = "auto"
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise LoaderError(f"backend={self.backend!r} is not one of {BACKENDS}")
+        if self.augment_in not in AUGMENT_IN:
+            raise LoaderError(f"augment_in={self.augment_in!r} is not one of {AUGMENT_IN}")
         if self.last_batch not in LAST_BATCH:
             raise LoaderError(f"last_batch={self.last_batch!r} is not one of {LAST_BATCH}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -56,7 +66,7 @@ class LoaderConfig:
         for name in ("batch_size", "image_size", "depth_size", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise LoaderError(f"{name}={getattr(self, name)} must be at least 1")
-        if self.num_threads < 0:
+        if self.num_threads is not None and self.num_threads < 0:
             raise LoaderError(f"num_threads={self.num_threads} must be 0 or more")
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
@@ -92,3 +102,16 @@ def resolve_shard(cfg: LoaderConfig) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def resolve_threads(cfg: LoaderConfig) -> int:
+    """cfg.num_threads when set, else the CPUs this process may use divided among the ranks
+    of this node (torchrun's LOCAL_WORLD_SIZE), at least 1."""
+    if cfg.num_threads is not None:
+        return cfg.num_threads
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, (cpus or 1) // local_ranks)

@@ -1,6 +1,7 @@
 """Save a picture of exactly what the loader feeds the model.
 
     python -m pipeline.preview --data data/shards --out grid.png [--split train] [--n 8]
+        [--augment-in auto|dali|torch]
 
 One row per sample: bg, fg_bg, mask, depth (depth scaled up to the image size), after
 augmentation as configured, un-normalised with ``denormalize``.
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
+from pipeline.config import AUGMENT_IN
 from pipeline.grid import compose, to_pil
 from sharding.atomic import atomic_path
 
@@ -54,6 +56,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-augment", action="store_true")
     parser.add_argument("--augment-targets", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--augment-in",
+        default="auto",
+        choices=AUGMENT_IN,
+        help="finish batches in the DALI graph or in torch; auto: the graph on CUDA only",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser.parse_args(argv)
 
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             augment=not args.no_augment,
             augment_targets=args.augment_targets,
+            augment_in=args.augment_in,
             shard_id=0,
             num_shards=1,
         )

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.augment import finish_batch, noise_bank
-from pipeline.config import LoaderConfig, LoaderError
+from pipeline.config import LoaderConfig, LoaderError, resolve_threads
 from pipeline.source import Shard
 from sharding.shard_format import IMAGE_EXTS, PARTS, image_ext
 
@@ -151,7 +151,7 @@ def iterate_epoch(
 ) -> Iterator[dict]:
     """Yield finished batches for one epoch of this rank, moved to cfg.device."""
     dataset = EpochStream(shards, span, channels, cfg, epoch, seed, shuffle, augment)
-    workers = cfg.num_threads
+    workers = resolve_threads(cfg)
     loader = DataLoader(
         dataset,
         batch_size=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -402,21 +403,53 @@ def test_benchmark_runs_end_to_end(tiny_shards, tmp_path):
         "8",
         "--batches",
         "2",
+        "--rounds",
+        "2",
+        "--both-augment-in",
         "--no-progress",
-        timeout=180,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(out.read_text())
     assert set(report) == {"machine", "data", "loaders", "ratios"}
     names = {"seed-baseline", "webdataset", "decode-ceiling"}
-    names |= {"dali-cpu"} if dali_available() else set()
+    names |= {"dali-cpu", "dali-cpu [augment-in=dali]"} if dali_available() else set()
     assert names <= set(report["loaders"])
-    assert all(r["samples_per_s"] > 0 for r in report["loaders"].values())
-    assert report["data"] == {**report["data"], "channels": 1, "samples": 32}
-    assert report["machine"]["cores"] >= 1
+    for name, r in report["loaders"].items():
+        assert len(r["rounds"]) == 2 and all(rate > 0 for rate in r["rounds"]), name
+        assert r["samples_per_s"] == statistics.median(r["rounds"]), name
+    assert report["data"] == {**report["data"], "channels": 1, "samples": 32, "rounds": 2}
+    machine = report["machine"]
+    assert machine["cores"] >= 1
+    assert len(machine["load_average_at_start"]) == len(machine["load_average_at_end"]) == 3
     if dali_available():
+        assert report["loaders"]["dali-cpu"]["augment_in"] == "torch"  # auto, on the CPU
+        assert report["loaders"]["dali-cpu [augment-in=dali]"]["augment_in"] == "dali"
         assert {"dali-cpu / decode-ceiling", "dali-cpu / seed-baseline"} <= set(report["ratios"])
+        assert "dali-cpu [augment-in=dali] / dali-cpu" in report["ratios"]
     assert "seed-baseline" in result.stdout
+
+
+@needs_dali
+def test_dali_startup_benchmark_runs_end_to_end(tiny_shards, tmp_path):
+    out = tmp_path / "startup.json"
+    result = run_cli(
+        "-m", "benchmarks.dali_startup", "--data", str(tiny_shards), "--json", str(out),
+        "--epochs", "2", "--batch-size", "8",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["splits"]) == {"train", "test"}
+    for split in report["splits"].values():
+        assert [e["batches"] for e in split["epochs"]] == [4, 4]  # 32 samples, batches of 8
+        assert all(e["first_batch_s"] > 0 for e in split["epochs"])
+    assert report["splits"]["test"]["pipeline"] == "built once, reset"
+    assert "epoch start costs" in result.stdout
+
+
+def test_benchmark_rejects_zero_rounds(tiny_shards):
+    result = run_cli("-m", "benchmarks.loaders", "--data", str(tiny_shards), "--rounds", "0")
+    assert result.returncode == 2 and "--rounds" in result.stderr
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -426,7 +459,8 @@ def test_benchmark_runs_end_to_end(tiny_shards, tmp_path):
 @needs_dali
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_dali_gpu_matches_cpu(tiny_shards_rgb):
-    cfg = replace(BASE, backend="dali")
+    # the torch path on both devices: the same draws, and noise slices from the same bank
+    cfg = replace(BASE, backend="dali", augment_in="torch")
     gpu_batches = list(build_loader(tiny_shards_rgb, "train", replace(cfg, device="cuda")).epoch(0))
     assert all(b["bg"].is_cuda and b["mask"].is_cuda for b in gpu_batches)
     gpu = {k: b["bg"][i].cpu() for b in gpu_batches for i, k in enumerate(b["key"])}
@@ -434,5 +468,5 @@ def test_dali_gpu_matches_cpu(tiny_shards_rgb):
     assert gpu.keys() == cpu.keys()
     for key in gpu:
         diff = (denormalize(gpu[key], cfg) - denormalize(cpu[key]["bg"], cfg)).abs()
-        # nvJPEG differs from libjpeg-turbo by a few levels; noise slices come from the same bank
+        # nvJPEG differs from libjpeg-turbo by a few levels
         assert diff.mean() < 3 / 255, key
