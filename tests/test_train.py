@@ -15,6 +15,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -438,6 +439,54 @@ def test_layer_memory_recorder_logs_pre_and_post_hooks(tmp_path):
         written = list(csv.DictReader(f))
     assert tuple(written[0]) == monitor.MEMORY_COLUMNS and len(written) == 6
     assert written[0]["mem_cached"] == "7" and written[0]["exp"] == "t"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA memory and NVML readers with fixed readings, so the GPU monitor runs on a CPU."""
+    reading = {"used_bytes": 100, "util_percent": 50.0, "temperature_c": 40.0}
+    monkeypatch.setattr(monitor, "cuda_memory_readers", lambda device: (lambda: 1, lambda: 2))
+    monkeypatch.setattr(
+        monitor, "nvml_reader", lambda device: ({"device_name": "fake"}, lambda: reading)
+    )
+
+
+def sampler_running() -> bool:
+    return any(thread.name == "gpu-sampler" for thread in threading.enumerate())
+
+
+def test_gpu_monitor_writes_reports_after_the_steps(fake_gpu, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    with monitor.gpu_monitor(model, torch.device("cpu"), tmp_path) as gpu:
+        for step in range(monitor.MEMORY_STEPS + 1):
+            model(torch.zeros(1, 2))
+            gpu.step(step)
+        assert sampler_running()
+    assert not sampler_running()
+    with open(tmp_path / "memory_layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 3 modules x (pre, fwd) per step, recorded for MEMORY_STEPS steps only
+    assert len(rows) == 6 * monitor.MEMORY_STEPS
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert report["device_name"] == "fake" and report["samples"] >= 1
+
+
+def test_gpu_monitor_stops_everything_when_the_run_fails(fake_gpu, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    with (
+        pytest.raises(RuntimeError, match="diverged"),
+        monitor.gpu_monitor(model, torch.device("cpu"), tmp_path, profile=True) as gpu,
+    ):
+        for step in range(2):  # past the profiler's wait and warm-up: it is recording now
+            model(torch.zeros(1, 2))
+            gpu.step(step)
+        assert sampler_running() and torch.autograd._profiler_enabled()
+        raise RuntimeError("diverged")
+    assert not sampler_running() and not torch.autograd._profiler_enabled()
+    rows = len(gpu.recorder.rows)
+    model(torch.zeros(1, 2))
+    assert len(gpu.recorder.rows) == rows  # the memory hooks are gone
+    assert not (tmp_path / "memory_layers.csv").exists()  # reports only for a finished run
 
 
 def test_gpu_readers_refuse_cpu():
