@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import train
 from model import UNet, UNetConfig
 from pipeline import build_loader
 from tests.conftest import run_cli
-from training.checkpoint import save_checkpoint
+from training.checkpoint import TrainState, save_checkpoint
 
 
 def make_checkpoint(path, channels: int) -> UNet:
@@ -26,8 +27,9 @@ def make_checkpoint(path, channels: int) -> UNet:
     optimizer, scheduler = train.build_optimizer(cfg, model)
     loader_cfg = predict.LoaderConfig()
     loss_fn = train.MaskDepthLoss()
-    session = train.Session(model, model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg)
-    save_checkpoint(session.checkpoint(cfg), path)
+    config = asdict(cfg)
+    state = TrainState(model, model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg, config)
+    save_checkpoint(state.state_dict(), path)
     return model
 
 

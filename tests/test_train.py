@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -34,6 +35,8 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from training.distributed import Runtime
+from training.rundir import RunDir
 
 TINY_RUN = ("--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0")
 TEST_KEYS = {"iou", "dice", "depth_rmse", "depth_mae", "depth_ssim", "loss"}
@@ -224,22 +227,51 @@ def test_brace_urls_evaluate_like_the_data_dir(full_run, tiny_shards, tmp_path):
         assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch, capsys):
+    steps_per_epoch = 2  # TINY_RUN's --max-batches
+    real_step, steps = train.train_step, []
+
+    def nan_loss(loss_fn):
+        def poisoned(*args):
+            losses = loss_fn(*args)
+            return {**losses, "loss": losses["loss"] * math.nan}
+
+        return poisoned
+
+    def diverging_step(model, loss_fn, optimizer, batch, rt):
+        """The real step, with every training loss NaN from epoch 2 on: a diverging run."""
+        steps.append(batch)
+        if len(steps) > steps_per_epoch:
+            loss_fn = nan_loss(loss_fn)
+        return real_step(model, loss_fn, optimizer, batch, rt)
+
+    monkeypatch.setattr(train, "train_step", diverging_step)
     out = tmp_path / "nan"
-    result = train_cli(
-        "--data",
-        str(tiny_shards),
-        "--epochs",
-        "2",
-        "--out",
-        str(out),
-        env={train.FAULT_NAN_EPOCH_ENV: "2"},
+    returncode = train.cli(
+        ["--data", str(tiny_shards), "--epochs", "2", "--out", str(out), *TINY_RUN]
     )
+    captured = capsys.readouterr()
+    result = SimpleNamespace(returncode=returncode, stdout=captured.out, stderr=captured.err)
     one_line_error(result, "loss is nan")
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (out / "metrics.json").exists()
+
+
+def test_results_captions_are_each_samples_iou(tiny_shards, tmp_path):
+    """The IoU under each predicted mask in results.png is that sample's own IoU."""
+    torch.manual_seed(0)
+    cfg = train.TrainConfig(data=str(tiny_shards), widths=(4, 8, 16), batch_size=8, augment=False)
+    rt = Runtime(torch.device("cpu"))
+    _, test_loader, loader_cfg = train.build_loaders(cfg, rt)
+    state = train.build_state(cfg, rt, RunDir(tmp_path), test_loader.channels, loader_cfg)
+    _, shown = train.evaluate(state, test_loader, 2, rt, preview=6)
+    pred, true = shown["mask_prob"].flatten(1) > 0.5, shown["mask"].flatten(1) > 0.5
+    union = (pred | true).sum(1)
+    expected = torch.where(union > 0, (pred & true).sum(1) / union.clamp(min=1), 1.0)
+    assert len(set(expected.tolist())) > 1  # different samples, different IoUs
+    assert shown["iou"] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_missing_data_dir_is_one_line_error(tmp_path):
