@@ -18,14 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from model import UNet, UNetConfig
 from pipeline import LoaderConfig, denormalize
+from pipeline.preprocess import decode, image_mode, normalize
 from sharding.layout import classify
 from training import figures
 from training.checkpoint import CheckpointError, load_checkpoint
+from training.distributed import DEVICES, DeviceError, resolve_device
 
 
 class PredictError(Exception):
@@ -61,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> PredictConfig:
     g = p.add_argument_group("Run")
     g.add_argument("--batch-size", type=int, default=16)
     g.add_argument("--threshold", type=float, default=0.5, help="mask probability cut-off")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--device", choices=DEVICES, default="auto")
     cfg = PredictConfig(**vars(p.parse_args(argv)))
     single, folders = (cfg.bg, cfg.fg_bg), (cfg.bg_dir, cfg.fg_bg_dir)
     if any(single) == any(folders):
@@ -118,17 +120,17 @@ def find_pairs(cfg: PredictConfig) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def read_image(path: Path, channels: int, size: int, loader_cfg: LoaderConfig) -> torch.Tensor:
-    """``(C, size, size)`` normalised as the training pipeline does: ``(x - mean) / std``."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            image = image.resize((size, size), Image.BILINEAR)
-    except (UnidentifiedImageError, OSError) as e:
-        raise PredictError(f"cannot read image {path}: {e}") from e
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array.reshape(size, size, channels)).permute(2, 0, 1)
-    return (tensor - loader_cfg.mean) / loader_cfg.std
+def read_images(
+    paths: list[Path], channels: int, size: int, loader_cfg: LoaderConfig
+) -> torch.Tensor:
+    """``(B, C, size, size)``, decoded, resized and normalised as the test loader does."""
+    images = []
+    for path in paths:
+        try:
+            images.append(decode(path, image_mode(channels), size))  # uint8 (size, size, C)
+        except OSError as e:  # PIL's UnidentifiedImageError is one
+            raise PredictError(f"cannot read image {path}: {e}") from e
+    return normalize(torch.from_numpy(np.stack(images)), loader_cfg)
 
 
 def write_outputs(
@@ -161,10 +163,10 @@ def write_outputs(
 @torch.no_grad()
 def predict(cfg: PredictConfig) -> list[Path]:
     """Run the model over every pair; returns the figure paths."""
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise PredictError("--device cuda was given but no CUDA device is visible")
-    device = torch.device("cuda" if use_cuda else "cpu")
+    try:
+        device = resolve_device(cfg.device)
+    except DeviceError as e:
+        raise PredictError(str(e)) from e
     model, loader_cfg = load_model(cfg.checkpoint, device)
     channels, size = model.cfg.in_channels, model.cfg.mask_size
     pairs = find_pairs(cfg)
@@ -174,8 +176,8 @@ def predict(cfg: PredictConfig) -> list[Path]:
     bar = tqdm(total=len(pairs), unit="pair", desc="predict", disable=len(pairs) < 2)
     for start in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[start : start + cfg.batch_size]
-        bg = torch.stack([read_image(b, channels, size, loader_cfg) for b, _ in chunk])
-        fg_bg = torch.stack([read_image(f, channels, size, loader_cfg) for _, f in chunk])
+        bg = read_images([b for b, _ in chunk], channels, size, loader_cfg)
+        fg_bg = read_images([f for _, f in chunk], channels, size, loader_cfg)
         mask_logits, depth = model(UNet.input_from(bg, fg_bg).to(device))
         masks = (torch.sigmoid(mask_logits.float()) > cfg.threshold).float().cpu()
         depth = depth.float().cpu()

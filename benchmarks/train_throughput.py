@@ -3,10 +3,11 @@
 Usage: ``python -m benchmarks.train_throughput --data DIR [--json PATH] [--batches N]
 [--batch-size N] [--widths 16,32,64,128,256] [--num-threads N] [--device auto|cpu|cuda]``
 
-Each loader (torch, dali-cpu, and dali-gpu when CUDA is there) feeds the same training steps
-as train.py (forward, loss, backward, SGD step, device sync); "synthetic" repeats one batch
-already in memory, so its samples/s is what the model alone allows. data_wait_share is the
-fraction of the wall time spent blocked on the next batch.
+Each loader (torch, dali-cpu, and dali-gpu when CUDA is there) feeds the training step that
+train.py runs (``training.step``: forward, loss, backward, SGD step, timed by its
+``StepTimer`` with a device sync); "synthetic" repeats one batch already in memory, so its
+samples/s is what the model alone allows. data_wait_share is the fraction of the wall time
+spent blocked on the next batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from sharding.atomic import write_json
-from train import Runtime, forward_loss, to_device, widths_type
+from training.distributed import DEVICES, DeviceError, Runtime, resolve_device
+from training.options import widths_type
+from training.step import StepTimer, train_step
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--widths", type=widths_type, default=UNetConfig.widths)
     p.add_argument("--num-threads", type=int, default=2)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", choices=DEVICES, default="auto")
     return p.parse_args(argv)
 
 
@@ -70,24 +73,14 @@ def time_steps(
     model = UNet(UNetConfig(in_channels=channels, widths=widths)).to(rt.device)
     loss_fn = MaskDepthLoss(LossConfig()).to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    samples = data_s = 0.0
-    start = 0.0
+    timer, start = StepTimer(rt), time.perf_counter()
     for step in range(count + 1):
         if step == 1:  # the first step pays for allocator and pipeline warm-up
-            samples = data_s = 0.0
-            start = time.perf_counter()
-        tic = time.perf_counter()
-        batch = next(batches)
-        data_s += time.perf_counter() - tic
-        x, mask, depth = to_device(batch, rt)
-        losses, _, _ = forward_loss(model, loss_fn, x, mask, depth, rt)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
-        rt.sync()  # so GPU time is not hidden in the next data wait
-        samples += x.shape[0]
+            timer, start = StepTimer(rt), time.perf_counter()
+        batch = timer.next_batch(batches)
+        timer.step_done(train_step(model, loss_fn, optimizer, batch, rt).samples)
     wall = time.perf_counter() - start
-    return {"samples_per_s": samples / wall, "data_wait_share": data_s / wall}
+    return {"samples_per_s": timer.samples / wall, "data_wait_share": timer.data_s / wall}
 
 
 def synthetic(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -98,12 +91,8 @@ def synthetic(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Time every loader and the synthetic ceiling; returns the JSON payload."""
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    rt = Runtime(
-        device=torch.device("cuda" if use_cuda else "cpu"),
-        amp=use_cuda,
-        memory_format=torch.channels_last,
-    )
+    device = resolve_device(args.device)
+    rt = Runtime(device=device, amp=device.type == "cuda", memory_format=torch.channels_last)
     results: dict[str, dict[str, float]] = {}
     first_batch = None
     for name, (backend, device) in loader_variants(rt.device).items():
@@ -160,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.data) / "manifest.json").is_file():
         print(f"train_throughput: error: no manifest.json in {args.data}", file=sys.stderr)
         return 1
-    payload = run(args)
+    try:
+        payload = run(args)
+    except DeviceError as e:
+        print(f"train_throughput: error: {e}", file=sys.stderr)
+        return 1
     print_table(payload["results"])
     if args.json:
         write_json(args.json, payload)

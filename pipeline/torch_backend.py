@@ -9,7 +9,6 @@ last batch can be partial, exactly as with DALI.
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 import tarfile
@@ -17,12 +16,12 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.augment import finish_batch, noise_bank
 from pipeline.config import LoaderConfig, LoaderError, resolve_threads
+from pipeline.preprocess import decode
 from pipeline.source import Shard
 from sharding.shard_format import IMAGE_EXTS, PARTS, image_ext
 
@@ -69,16 +68,6 @@ def buffer_shuffle(samples: Iterator[dict], size: int, rng: random.Random) -> It
             yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
-
-
-def decode(data: bytes, mode: str, size: int) -> np.ndarray:
-    """JPEG bytes -> uint8 (H, W, C) at size x size."""
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert(mode)
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        array = np.asarray(image)
-    return array[:, :, None] if array.ndim == 2 else array
 
 
 def _decode_named(sample: dict, part: str, mode: str, size: int) -> np.ndarray:

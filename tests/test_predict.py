@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import tarfile
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -10,8 +13,9 @@ from PIL import Image
 import predict
 import train
 from model import UNet, UNetConfig
+from pipeline import build_loader
 from tests.conftest import run_cli
-from training.checkpoint import save_checkpoint
+from training.checkpoint import TrainState, save_checkpoint
 
 
 def make_checkpoint(path, channels: int) -> UNet:
@@ -23,8 +27,9 @@ def make_checkpoint(path, channels: int) -> UNet:
     optimizer, scheduler = train.build_optimizer(cfg, model)
     loader_cfg = predict.LoaderConfig()
     loss_fn = train.MaskDepthLoss()
-    session = train.Session(model, model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg)
-    save_checkpoint(session.checkpoint(cfg), path)
+    config = asdict(cfg)
+    state = TrainState(model, model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg, config)
+    save_checkpoint(state.state_dict(), path)
     return model
 
 
@@ -65,6 +70,21 @@ def test_single_pair_writes_model_sized_outputs(tmp_path, channels, mode, size):
         assert depth.size == (80, 80) and depth.mode == "L"
     with Image.open(out / "fg_bg_1_2_0_3_figure.png") as figure:
         assert figure.width >= 4 * 160 and figure.height >= 160
+
+
+def test_inputs_are_prepared_exactly_as_the_test_loader_prepares_them(tiny_shards, tmp_path):
+    """predict.py and the torch loader share one decode/resize/normalise: identical tensors."""
+    loader_cfg = predict.LoaderConfig(backend="torch", batch_size=2, num_threads=0)
+    batch = next(iter(build_loader(str(tiny_shards), "test", loader_cfg).epoch(0)))
+    for i, key in enumerate(batch["key"]):
+        for part in ("bg", "fg_bg"):
+            path = tmp_path / f"{key}.{part}.jpg"
+            for shard in sorted(tiny_shards.glob("test-*.tar")):
+                with tarfile.open(shard) as tar:
+                    if path.name in tar.getnames():
+                        path.write_bytes(tar.extractfile(path.name).read())
+            prepared = predict.read_images([path], 1, 160, loader_cfg)
+            assert torch.equal(prepared[0], batch[part][i]), (key, part)
 
 
 def test_folders_are_paired_by_dataset_names(tmp_path, capsys):

@@ -15,7 +15,9 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -33,6 +35,8 @@ from training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from training.distributed import Runtime
+from training.rundir import RunDir
 
 TINY_RUN = ("--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0")
 TEST_KEYS = {"iou", "dice", "depth_rmse", "depth_mae", "depth_ssim", "loss"}
@@ -223,22 +227,51 @@ def test_brace_urls_evaluate_like_the_data_dir(full_run, tiny_shards, tmp_path):
         assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch, capsys):
+    steps_per_epoch = 2  # TINY_RUN's --max-batches
+    real_step, steps = train.train_step, []
+
+    def nan_loss(loss_fn):
+        def poisoned(*args):
+            losses = loss_fn(*args)
+            return {**losses, "loss": losses["loss"] * math.nan}
+
+        return poisoned
+
+    def diverging_step(model, loss_fn, optimizer, batch, rt):
+        """The real step, with every training loss NaN from epoch 2 on: a diverging run."""
+        steps.append(batch)
+        if len(steps) > steps_per_epoch:
+            loss_fn = nan_loss(loss_fn)
+        return real_step(model, loss_fn, optimizer, batch, rt)
+
+    monkeypatch.setattr(train, "train_step", diverging_step)
     out = tmp_path / "nan"
-    result = train_cli(
-        "--data",
-        str(tiny_shards),
-        "--epochs",
-        "2",
-        "--out",
-        str(out),
-        env={train.FAULT_NAN_EPOCH_ENV: "2"},
+    returncode = train.cli(
+        ["--data", str(tiny_shards), "--epochs", "2", "--out", str(out), *TINY_RUN]
     )
+    captured = capsys.readouterr()
+    result = SimpleNamespace(returncode=returncode, stdout=captured.out, stderr=captured.err)
     one_line_error(result, "loss is nan")
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (out / "metrics.json").exists()
+
+
+def test_results_captions_are_each_samples_iou(tiny_shards, tmp_path):
+    """The IoU under each predicted mask in results.png is that sample's own IoU."""
+    torch.manual_seed(0)
+    cfg = train.TrainConfig(data=str(tiny_shards), widths=(4, 8, 16), batch_size=8, augment=False)
+    rt = Runtime(torch.device("cpu"))
+    _, test_loader, loader_cfg = train.build_loaders(cfg, rt)
+    state = train.build_state(cfg, rt, RunDir(tmp_path), test_loader.channels, loader_cfg)
+    _, shown = train.evaluate(state, test_loader, 2, rt, preview=6)
+    pred, true = shown["mask_prob"].flatten(1) > 0.5, shown["mask"].flatten(1) > 0.5
+    union = (pred | true).sum(1)
+    expected = torch.where(union > 0, (pred & true).sum(1) / union.clamp(min=1), 1.0)
+    assert len(set(expected.tolist())) > 1  # different samples, different IoUs
+    assert shown["iou"] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_missing_data_dir_is_one_line_error(tmp_path):
@@ -438,6 +471,54 @@ def test_layer_memory_recorder_logs_pre_and_post_hooks(tmp_path):
         written = list(csv.DictReader(f))
     assert tuple(written[0]) == monitor.MEMORY_COLUMNS and len(written) == 6
     assert written[0]["mem_cached"] == "7" and written[0]["exp"] == "t"
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """CUDA memory and NVML readers with fixed readings, so the GPU monitor runs on a CPU."""
+    reading = {"used_bytes": 100, "util_percent": 50.0, "temperature_c": 40.0}
+    monkeypatch.setattr(monitor, "cuda_memory_readers", lambda device: (lambda: 1, lambda: 2))
+    monkeypatch.setattr(
+        monitor, "nvml_reader", lambda device: ({"device_name": "fake"}, lambda: reading)
+    )
+
+
+def sampler_running() -> bool:
+    return any(thread.name == "gpu-sampler" for thread in threading.enumerate())
+
+
+def test_gpu_monitor_writes_reports_after_the_steps(fake_gpu, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    with monitor.gpu_monitor(model, torch.device("cpu"), tmp_path) as gpu:
+        for step in range(monitor.MEMORY_STEPS + 1):
+            model(torch.zeros(1, 2))
+            gpu.step(step)
+        assert sampler_running()
+    assert not sampler_running()
+    with open(tmp_path / "memory_layers.csv") as f:
+        rows = list(csv.DictReader(f))
+    # 3 modules x (pre, fwd) per step, recorded for MEMORY_STEPS steps only
+    assert len(rows) == 6 * monitor.MEMORY_STEPS
+    report = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert report["device_name"] == "fake" and report["samples"] >= 1
+
+
+def test_gpu_monitor_stops_everything_when_the_run_fails(fake_gpu, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3))
+    with (
+        pytest.raises(RuntimeError, match="diverged"),
+        monitor.gpu_monitor(model, torch.device("cpu"), tmp_path, profile=True) as gpu,
+    ):
+        for step in range(2):  # past the profiler's wait and warm-up: it is recording now
+            model(torch.zeros(1, 2))
+            gpu.step(step)
+        assert sampler_running() and torch.autograd._profiler_enabled()
+        raise RuntimeError("diverged")
+    assert not sampler_running() and not torch.autograd._profiler_enabled()
+    rows = len(gpu.recorder.rows)
+    model(torch.zeros(1, 2))
+    assert len(gpu.recorder.rows) == rows  # the memory hooks are gone
+    assert not (tmp_path / "memory_layers.csv").exists()  # reports only for a finished run
 
 
 def test_gpu_readers_refuse_cpu():

@@ -1,9 +1,34 @@
-"""Pieces of the training run that train.py and predict.py share.
+"""What ``train.py`` is built from, one module per concept; packages never import train.py.
 
-``checkpoint`` saves and loads run state safely, ``monitor`` does the CUDA memory and NVML
-bookkeeping, ``figures`` draws image grids with PIL. Each imports only torch, numpy and PIL.
+- ``distributed``: :class:`Runtime` (device, rank, autocast, memory format), the one device
+  resolution :func:`resolve_device` (train.py, predict.py, the benchmarks), torchrun setup,
+  per-rank seeds.
+- ``step``: the training step, written once: batch to device, forward under autocast, loss
+  (:func:`forward_loss`), backward and update (:func:`train_step`), and its timing
+  (:class:`StepTimer`). ``benchmarks.train_throughput`` runs the same step.
+- ``checkpoint``: :class:`TrainState` (``state_dict`` / ``load_state_dict``), atomic checkpoint
+  writes, ``weights_only`` reads, RNG state.
+- ``rundir``: the run directory (RUN_FILES, --resume/--overwrite rules, config.json,
+  metrics.json, results.png, timings.csv) and the per-epoch clock.
+- ``logger``: step and epoch log lines, TensorBoard scalars, loss sums across ranks.
+- ``monitor``: :func:`gpu_monitor` (per-layer CUDA memory, NVML sampling, torch profiler) and
+  cProfile output.
+- ``figures``: prediction grids for TensorBoard, results.png and predict.py.
+- ``errors``: :class:`TrainError`, which ``train.py`` prints as one line; ``options``: argparse
+  types.
 """
 
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.checkpoint import CheckpointError, TrainState, load_checkpoint, save_checkpoint
+from training.distributed import DeviceError, Runtime, resolve_device
+from training.errors import TrainError
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "DeviceError",
+    "Runtime",
+    "TrainError",
+    "TrainState",
+    "load_checkpoint",
+    "resolve_device",
+    "save_checkpoint",
+]

@@ -1,42 +1,49 @@
-"""Atomic checkpoint writes, ``weights_only`` reads, and RNG state as plain tensors and lists."""
+"""What a checkpoint holds (:class:`TrainState`), how it is written and read, and RNG state.
+
+Checkpoints are written atomically by :mod:`sharding.atomic` and read with
+``torch.load(weights_only=True)``: they hold only tensors and plain values, so loading one
+cannot run code.
+"""
 
 from __future__ import annotations
 
-import os
+import json
+import math
 import pickle
 import random
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from sharding.atomic import atomic_write
+from training.errors import TrainError
 
 FORMAT = "maskdepth-checkpoint"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(TrainError):
     """A checkpoint could not be written or read; the message says which file and why."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically: a temporary file, fsync, then ``os.replace``.
+    """Write ``state`` to ``path`` atomically (see :mod:`sharding.atomic`).
 
     On any write error (a full disk, a quota) the temporary file is removed and the file
     already at ``path`` is left as it was.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with atomic_write(path, "wb") as f:
             torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     # torch.save reports a failed write (a full disk, a size limit) as RuntimeError from its
     # zip writer, or as OSError when the file cannot even be opened.
     except (OSError, RuntimeError) as e:
-        tmp.unlink(missing_ok=True)
         reason = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [repr(e)])[0]
         raise CheckpointError(
             f"could not write checkpoint {path}: {reason}; the previous checkpoint there is "
@@ -88,3 +95,112 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
+
+
+def plain(value: Any) -> Any:
+    """Tuples as lists, as JSON has them, so ``weights_only`` loads and comparisons agree."""
+    return json.loads(json.dumps(value))
+
+
+@dataclass
+class TrainState:
+    """What training changes epoch by epoch, and everything a checkpoint stores.
+
+    ``config`` is the run's :class:`TrainConfig` as a dict; ``history`` one record per
+    finished epoch (``epoch``, ``train``, ``test``, ``timing``).
+    """
+
+    model: nn.Module  # the bare UNet: checkpoints, evaluation and figures use it
+    train_model: nn.Module  # the DDP wrapper under torchrun, else the model itself
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    unet_cfg: Any  # model.UNetConfig
+    loader_cfg: Any  # pipeline.LoaderConfig
+    config: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_iou: float = -math.inf
+
+    @property
+    def epochs_done(self) -> int:
+        """Finished epochs: a resumed run starts with the next one."""
+        return len(self.history)
+
+    def add_epoch(self, record: dict[str, Any]) -> bool:
+        """Append one epoch's record; True when its test IoU is the best so far."""
+        is_best = record["test"]["iou"] > self.best_iou
+        self.best_iou = max(self.best_iou, record["test"]["iou"])
+        self.history.append(record)
+        return is_best
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run or predict.py needs, as tensors and plain values."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epochs_done,
+            "rng": rng_state(),
+            "config": plain(self.config),
+            "model_config": plain(asdict(self.unet_cfg)),
+            "loader_config": plain(asdict(self.loader_cfg)),
+            "history": self.history,
+            "best_iou": self.best_iou,
+        }
+
+    def restore(
+        self, path: Path, resume: bool, resume_keys: Sequence[str] = (), rng: bool = True
+    ) -> None:
+        """Load the checkpoint at ``path`` after :func:`check_compatible`: everything when
+        ``resume`` (then ``resume_keys`` of the config must match; ``rng``: the random
+        generators too), else the model weights only."""
+        saved = load_checkpoint(path)
+        config = self.config if resume else None
+        check_compatible(saved, path, self.unet_cfg, config, resume_keys)
+        if resume:
+            self.load_state_dict(saved, restore_rng=rng)
+        else:
+            self.model.load_state_dict(saved["model"])
+
+    def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True) -> None:
+        """Continue from ``state`` (what :meth:`state_dict` returned): weights, optimizer,
+        schedule, history and, with ``restore_rng``, the random generators."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.history = list(state["history"])
+        self.best_iou = float(state["best_iou"])
+        if restore_rng:
+            set_rng_state(state["rng"])
+
+
+def check_compatible(
+    state: dict[str, Any],
+    path: Path,
+    unet_cfg: Any,
+    config: dict[str, Any] | None = None,
+    keys: Sequence[str] = (),
+) -> None:
+    """Refuse a checkpoint whose channels or model shape differ, or (given ``config``) whose
+    run options ``keys`` differ from this run's."""
+    saved = state.get("model_config", {})
+    if saved.get("in_channels") != unet_cfg.in_channels:
+        raise TrainError(
+            f"checkpoint {path} was trained on {saved.get('in_channels')}-channel images but "
+            f"the data has {unet_cfg.in_channels}; use data with the same channel count"
+        )
+    if tuple(saved.get("widths", ())) != unet_cfg.widths:
+        raise TrainError(
+            f"checkpoint {path} has widths {tuple(saved.get('widths', ()))} but this run "
+            f"builds {unet_cfg.widths}; pass --widths {','.join(map(str, saved.get('widths', ())))}"
+        )
+    if config is None:
+        return
+    ours, theirs = plain(config), state.get("config", {})
+    differ = [k for k in keys if ours.get(k) != theirs.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}={theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ)
+        raise TrainError(
+            f"checkpoint {path} belongs to a different config: {shown}; resume with the "
+            "original options or start a new --out"
+        )

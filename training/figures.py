@@ -1,16 +1,34 @@
-"""Figures of predictions: the per-epoch TensorBoard grid, results.png, predict figures."""
+"""Figures of predictions: the per-epoch TensorBoard grid, results.png, predict figures.
+
+The grid itself is drawn by :mod:`pipeline.grid` (re-exported here as ``compose`` and
+``to_pil``); this module lays out the columns of a prediction figure.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pipeline import LoaderConfig, denormalize
 from pipeline.grid import compose, to_pil
+from sharding.atomic import atomic_path
 
 COLUMNS = ("bg", "fg_bg", "mask (true)", "mask (pred)", "depth (true)", "depth (pred)")
-__all__ = ["COLUMNS", "compose", "pil_to_tensor", "sample_rows", "to_pil"]
+__all__ = [
+    "COLUMNS",
+    "compose",
+    "pil_to_tensor",
+    "preview_grid",
+    "preview_samples",
+    "sample_rows",
+    "to_pil",
+    "write_results_figure",
+]
 
 
 def sample_rows(
@@ -35,12 +53,33 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def mask_iou(
-    mask_prob: torch.Tensor, mask_true: torch.Tensor, threshold: float = 0.5
-) -> list[float]:
-    """Per-sample IoU of ``mask_prob > threshold`` against ``mask_true`` (1.0 when both empty)."""
-    pred = mask_prob.flatten(1) > threshold
-    true = mask_true.flatten(1) > 0.5
-    intersection = (pred & true).sum(1).float()
-    union = (pred | true).sum(1).float()
-    return torch.where(union > 0, intersection / union.clamp(min=1), 1.0).tolist()
+def preview_samples(batch: dict, out: Any, count: int) -> dict[str, torch.Tensor]:
+    """The first ``count`` samples of a test batch and its :class:`training.step.StepOutput`,
+    on the CPU: what :func:`preview_grid` draws."""
+    shown = {"bg": batch["bg"], "fg_bg": batch["fg_bg"], "mask": out.mask, "depth": out.depth}
+    shown.update(mask_prob=torch.sigmoid(out.mask_logits), depth_pred=out.depth_pred)
+    return {k: v[:count].float().cpu() for k, v in shown.items()}
+
+
+def preview_grid(shown: dict, loader_cfg: LoaderConfig, captions: bool = False) -> Image.Image:
+    """The :data:`COLUMNS` grid of an evaluation preview (``train.evaluate``'s ``shown``).
+
+    With ``captions``, each predicted mask is captioned with the sample's IoU from
+    ``shown["iou"]`` (:class:`model.MaskDepthMetrics`' per-sample IoU).
+    """
+    rows = sample_rows(
+        denormalize(shown["bg"], loader_cfg),
+        denormalize(shown["fg_bg"], loader_cfg),
+        shown["mask"],
+        shown["mask_prob"],
+        shown["depth"],
+        shown["depth_pred"],
+    )
+    cells = [["", "", "", f"IoU {iou:.3f}", "", ""] for iou in shown["iou"]] if captions else None
+    return compose(rows, COLUMNS, cells)
+
+
+def write_results_figure(path: Path, shown: dict, loader_cfg: LoaderConfig) -> None:
+    """results.png: per test sample the inputs, true and predicted mask (with IoU) and depth."""
+    with atomic_path(path) as tmp:
+        preview_grid(shown, loader_cfg, captions=True).save(tmp, format="PNG")

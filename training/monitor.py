@@ -1,4 +1,9 @@
-"""GPU memory bookkeeping: per-layer CUDA memory from forward hooks, NVML sampling.
+"""What a run measures about itself: per-layer CUDA memory, NVML samples, profilers.
+
+:func:`gpu_monitor` is the one context manager a training loop needs: it starts the
+per-layer memory recorder and the NVML sampler (CUDA, rank 0) and the torch profiler
+(``--profile torch``), steps them with the loop, writes memory_layers.csv, gpu_report.json
+and the trace on success, and always stops them, on errors too.
 
 The readings come in as plain functions, so the bookkeeping runs on CPU in tests with
 deterministic fake readings; :func:`cuda_memory_readers` and :func:`nvml_reader` give the
@@ -7,14 +12,26 @@ real ones. ``pynvml`` is imported only inside :func:`nvml_reader`.
 
 from __future__ import annotations
 
+import cProfile
 import csv
+import io
+import logging
+import pstats
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from sharding.atomic import atomic_path, atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+# A few steps show the per-layer memory pattern; recording more only costs time.
+MEMORY_STEPS = 3
 
 MEMORY_COLUMNS = (
     "layer_idx",
@@ -83,7 +100,7 @@ class LayerMemoryRecorder:
 
     def write_csv(self, path: str | Path) -> None:
         """Write the rows to ``path`` with a header line."""
-        with open(path, "w", newline="") as f:
+        with atomic_write(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=MEMORY_COLUMNS)
             writer.writeheader()
             writer.writerows(self.rows)
@@ -198,3 +215,135 @@ def nvml_reader(device: torch.device) -> tuple[dict[str, Any], Callable[[], dict
 
     info = {"device_name": name if isinstance(name, str) else name.decode(), "total_bytes": total}
     return info, read
+
+
+class GpuMonitor:
+    """The per-step side of :func:`gpu_monitor`: step the profiler, detach the memory hooks
+    after :data:`MEMORY_STEPS`, send NVML readings to TensorBoard at log steps."""
+
+    def __init__(
+        self,
+        recorder: LayerMemoryRecorder | None = None,
+        sampler: GpuSampler | None = None,
+        profiler: Any = None,
+        logger: Any = None,
+        log_interval: int = 1,
+    ) -> None:
+        self.recorder, self.sampler, self.profiler = recorder, sampler, profiler
+        self.logger, self.log_interval = logger, log_interval
+        self.steps = 0
+
+    def step(self, step: int) -> None:
+        """Call after every training step; ``step`` counts from 0 within the epoch."""
+        self.steps += 1
+        if self.recorder is not None and self.steps == MEMORY_STEPS:
+            self.recorder.remove()
+        if self.profiler is not None:
+            self.profiler.step()
+        if self.sampler is not None and self.logger is not None:
+            reading = self.sampler.latest() if (step + 1) % self.log_interval == 0 else None
+            if reading:
+                self.logger.scalars("gpu", reading, self.steps)
+
+    def stop(self) -> None:
+        """Stop the profiler (it writes its trace if still recording), the hooks, the sampler.
+
+        Safe to call more than once.
+        """
+        profiler, self.profiler = self.profiler, None
+        if profiler is not None:
+            profiler.stop()
+        if self.recorder is not None:
+            self.recorder.remove()
+        if self.sampler is not None:
+            self.sampler.stop()
+
+    def write_reports(self, out: Path) -> None:
+        """memory_layers.csv and gpu_report.json (and the report to TensorBoard)."""
+        if self.recorder is not None:
+            self.recorder.write_csv(out / "memory_layers.csv")
+        if self.sampler is not None:
+            report = self.sampler.report()
+            write_json(out / "gpu_report.json", report)
+            if self.logger is not None:
+                self.logger.scalars("gpu", report, 0)
+
+
+@contextmanager
+def gpu_monitor(
+    model: nn.Module,
+    device: torch.device,
+    out: Path,
+    *,
+    enabled: bool = True,
+    profile: bool = False,
+    logger: Any = None,
+    log_interval: int = 1,
+    note: Callable[[str], None] = log.info,
+) -> Iterator[GpuMonitor]:
+    """Monitor the training steps run inside the ``with`` block; call ``.step(step)`` per step.
+
+    Args:
+        enabled: False on ranks other than 0, which monitor nothing.
+        profile: also record a few steps with torch.profiler into ``out/profile``.
+        logger: a :class:`training.logger.MetricLogger` for the ``gpu/*`` scalars, or None.
+        note: where to say why a report is skipped (no CUDA, no NVML).
+    """
+    monitor = GpuMonitor(logger=logger, log_interval=log_interval)
+    try:
+        if enabled:
+            monitor.recorder, monitor.sampler = _start_gpu_reports(model, device, note)
+            if profile:
+                monitor.profiler = torch_profiler(device, out / "profile")
+        yield monitor
+        monitor.stop()
+        monitor.write_reports(out)
+    finally:
+        monitor.stop()  # after an error too: no hooks, sampler thread or profiler left running
+
+
+def _start_gpu_reports(
+    model: nn.Module, device: torch.device, note: Callable[[str], None]
+) -> tuple[LayerMemoryRecorder | None, GpuSampler | None]:
+    """Layer memory hooks and a started NVML sampler, each where the machine allows it."""
+    try:
+        readers = cuda_memory_readers(device)
+    except GpuUnavailable as e:
+        note(f"GPU reports skipped ({e}): no memory_layers.csv or gpu_report.json")
+        return None, None
+    recorder = LayerMemoryRecorder(model, *readers)
+    try:
+        info, read = nvml_reader(device)
+    except GpuUnavailable as e:
+        note(f"gpu_report.json skipped: {e}")
+        return recorder, None
+    sampler = GpuSampler(read, info)
+    sampler.start()
+    return recorder, sampler
+
+
+def torch_profiler(device: torch.device, trace_dir: Path) -> Any:
+    """A started torch.profiler that records a few steps into ``trace_dir`` for TensorBoard."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1),
+        on_trace_ready=torch.profiler.tensorboard_trace_handler(str(trace_dir)),
+        record_shapes=True,
+    )
+    profiler.start()  # stepped per training step across epochs; the schedule keeps it short
+    return profiler
+
+
+def write_cprofile(profiler: cProfile.Profile, path: Path) -> str:
+    """Stop ``profiler`` and save its stats to ``path``; returns the top entries by cumulative
+    time and how to view the file."""
+    profiler.disable()
+    with atomic_path(path) as tmp:
+        profiler.dump_stats(tmp)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(15)
+    hint = f"cProfile stats: {path} (view with `python -m pstats {path}` or snakeviz)"
+    return f"{text.getvalue()}\n{hint}"

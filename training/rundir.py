@@ -1,0 +1,154 @@
+"""The run directory: what ``train.py`` writes where, and the per-epoch timings.
+
+A run directory holds exactly :data:`RUN_FILES`. :meth:`RunDir.prepare` refuses to mix two
+runs in one directory, and ``--overwrite`` removes exactly these names, never the directory.
+Its files are written atomically with :mod:`sharding.atomic` (TensorBoard events and
+profiler traces by their own libraries).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from model.summary import summarize
+from sharding.atomic import atomic_write, write_json
+from training import figures
+from training.checkpoint import TrainState, save_checkpoint
+from training.distributed import Runtime, rank0_verdict
+from training.errors import TrainError
+
+# fmt: off
+RUN_FILES = (
+    "config.json", "metrics.json", "timings.csv", "results.png", "memory_layers.csv",
+    "gpu_report.json", "cprofile.prof", "checkpoints", "tb", "profile",
+)
+# fmt: on
+TIMING_COLUMNS = ("epoch", "train_s", "data_s", "misc_s", "samples", "samples_per_s")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """Paths inside one run directory."""
+
+    path: Path
+
+    @property
+    def last(self) -> Path:
+        """The checkpoint of the latest epoch, which ``--resume`` continues."""
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        """The checkpoint of the epoch with the best test IoU."""
+        return self.path / "checkpoints" / "best.pt"
+
+    def prepare(self, config: dict[str, Any], resume: bool, overwrite: bool, rt: Runtime) -> None:
+        """Rank 0 checks and creates the directory; every rank raises rank 0's refusal.
+
+        The other ranks wait for rank 0's verdict, so none starts on a directory that rank
+        0 refused, and none waits at a barrier for a rank 0 that has left.
+        """
+        problem = None
+        if rt.is_main:
+            try:
+                self._prepare(config, resume, overwrite)
+            except TrainError as e:
+                problem = str(e)
+        if problem := rank0_verdict(problem, rt):
+            raise TrainError(problem)
+
+    def _prepare(self, config: dict[str, Any], resume: bool, overwrite: bool) -> None:
+        """Refuse to mix two runs in one directory; create it and write config.json."""
+        # A directory whose run failed before its first checkpoint holds nothing worth keeping.
+        existing = self.last.exists() or (self.path / "metrics.json").exists()
+        if resume and not self.last.exists():
+            raise TrainError(f"--resume: no checkpoint at {self.last}; start without --resume")
+        if existing and not (resume or overwrite):
+            raise TrainError(
+                f"{self.path} already holds a run; pass --resume to continue it, --overwrite to "
+                "replace it, or another --out"
+            )
+        if overwrite and not resume:
+            for name in RUN_FILES:
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_json(self.path / "config.json", config)
+
+    def save_epoch(self, state: TrainState, is_best: bool) -> None:
+        """last.pt, best.pt (when ``is_best``) and timings.csv after an epoch."""
+        checkpoint = state.state_dict()
+        save_checkpoint(checkpoint, self.last)
+        if is_best:
+            save_checkpoint(checkpoint, self.best)
+        write_timings(self.path / "timings.csv", state.history)
+
+    def write_results(
+        self, test: dict[str, Any], state: TrainState, shown: dict[str, Any] | None
+    ) -> None:
+        """metrics.json (final test metrics, history, model size) and results.png."""
+        summary = summarize(state.unet_cfg)
+        metrics = {"test": test, "history": state.history}
+        metrics.update(params=int(summary["params"]), macs=int(summary["macs"]))
+        if state.history:
+            metrics["best_test_iou"] = state.best_iou
+        write_json(self.path / "metrics.json", metrics)
+        if shown is not None:
+            figures.write_results_figure(self.path / "results.png", shown, state.loader_cfg)
+
+
+class EpochClock:
+    """Each epoch's wall time, split as the reference did: training, data wait, the rest.
+
+    The clock runs from one :meth:`close` to the next, so no time is lost between epochs:
+    an epoch's ``misc_s`` holds its evaluation and logging, and the checkpoint writes of the
+    epoch before it (its own are made after its row is closed, so the row can be saved in
+    the checkpoint exactly as timings.csv and metrics.json show it).
+    """
+
+    def __init__(self) -> None:
+        self._since = time.perf_counter()
+
+    def close(self, train_s: float, data_s: float, samples: int) -> dict[str, Any]:
+        """The timing row of the epoch that ends now: ``train_s``, ``data_s``, ``samples``,
+        ``misc_s`` and ``samples_per_s``."""
+        now = time.perf_counter()
+        wall, self._since = now - self._since, now
+        return {
+            "train_s": train_s,
+            "data_s": data_s,
+            "samples": samples,
+            "misc_s": max(wall - train_s - data_s, 0.0),
+            "samples_per_s": samples / max(wall, 1e-9),
+        }
+
+
+def timing_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One :data:`TIMING_COLUMNS` row per epoch of ``history``."""
+    return [{"epoch": record["epoch"], **record["timing"]} for record in history]
+
+
+def write_timings(path: Path, history: list[dict[str, Any]]) -> None:
+    """timings.csv: one row per epoch, the reference's three-way split of the wall time."""
+    with atomic_write(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=TIMING_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(timing_rows(history))
+
+
+def timing_table(history: list[dict[str, Any]]) -> str:
+    """The timings as a fixed-width table."""
+    lines = [
+        f"{'epoch':>5} {'train_s':>9} {'data_s':>9} {'misc_s':>9} {'samples':>8} {'samples/s':>10}"
+    ]
+    for r in timing_rows(history):
+        lines.append(
+            f"{r['epoch']:>5} {r['train_s']:>9.2f} {r['data_s']:>9.2f} {r['misc_s']:>9.2f} "
+            f"{r['samples']:>8} {r['samples_per_s']:>10.1f}"
+        )
+    return "\n".join(lines)
