@@ -3,21 +3,7 @@
     python train.py --data DIR --out RUNDIR
     torchrun --standalone --nproc_per_node=2 train.py --data DIR --out RUNDIR
 
-RUNDIR (written by rank 0 only):
-
-- ``config.json``: the resolved :class:`TrainConfig`.
-- ``checkpoints/last.pt``, ``checkpoints/best.pt`` (best test IoU): model, optimizer,
-  scheduler, epoch, rng (torch, cuda, numpy, python), config, model_config, loader_config,
-  history, best_iou; plain tensors and lists, read with ``torch.load(weights_only=True)``.
-- ``tb/``: TensorBoard scalars ``train/*``, ``train_step/*``, ``test/*``, the image grid
-  ``test/samples``, the model graph, ``weights/*`` histograms (``--histograms``), ``gpu/*``.
-- ``timings.csv``: epoch, train_s, data_s, misc_s, samples, samples_per_s.
-- ``metrics.json``: ``test`` (iou, dice, depth_rmse, depth_mae, depth_ssim, loss, mask_bce,
-  depth_ssim_loss, samples on the whole test split), ``history`` (per epoch: train, test,
-  timing), ``params``, ``macs``, ``best_test_iou``.
-- ``results.png``: test samples with bg, fg_bg, true/predicted mask (IoU), true/predicted depth.
-- ``cprofile.prof`` (``--profile cprofile``), ``profile/`` (``--profile torch``).
-- On CUDA: ``memory_layers.csv`` (per-layer memory, first steps) and ``gpu_report.json``.
+What RUNDIR holds is listed at the end of ``--help``.
 """
 
 from __future__ import annotations
@@ -38,13 +24,15 @@ from tqdm import tqdm
 
 from model import LossConfig, MaskDepthLoss, MaskDepthMetrics, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
+from pipeline.config import AUGMENT_IN
+from sharding.shard_format import MANIFEST
 from training import distributed, figures, monitor
 from training.checkpoint import TrainState
 from training.distributed import DEVICES, Runtime, setup_runtime, teardown
 from training.errors import TrainError, diverged
 from training.logger import LossTotals, MetricLogger
 from training.options import HelpFormatter, positive_int, widths_type
-from training.rundir import EpochClock, RunDir
+from training.rundir import RUN_DIR_HELP, EpochClock, RunDir
 from training.step import LOSS_PARTS, StepTimer, forward_loss, train_step
 
 # Options a resumed run must keep, or it would silently mix two runs' model, data or optimisation.
@@ -66,10 +54,11 @@ class TrainConfig:
     train: str | None = None
     test: str | None = None
     loader: str = "auto"
-    num_threads: int = 2
+    num_threads: int | None = None  # None: the CPUs per local rank
     batch_size: int = 100
     max_batches: int | None = None
     augment: bool = True
+    augment_in: str = "auto"
     # Model
     widths: tuple[int, ...] = UNetConfig.widths
     channels_last: bool = True
@@ -103,20 +92,16 @@ class TrainConfig:
 def build_parser() -> argparse.ArgumentParser:
     """The CLI, in option groups that map onto :class:`TrainConfig`."""
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, epilog=RUN_DIR_HELP, formatter_class=HelpFormatter
+    )
     g = p.add_argument_group("Data")
     g.add_argument("--data", help="dataset dir with manifest.json (train and test splits)")
     g.add_argument("--train", help="train shards in brace notation, D/train-{000000..000009}.tar")
     g.add_argument("--test", help="test shards in brace notation (with --train)")
-    g.add_argument(
-        "--loader",
-        choices=("auto", "dali", "torch"),
-        default=d.loader,
-        help="auto: DALI when it imports, else the torch loader",
-    )
-    g.add_argument(
-        "--num-threads", type=positive_int, default=d.num_threads, help="loader threads/workers"
-    )
+    loaders = ("auto", "dali", "torch")
+    g.add_argument("--loader", choices=loaders, default=d.loader, help="auto: DALI if it imports")
+    g.add_argument("--num-threads", type=positive_int, help="loader threads (default: CPUs/rank)")
     g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per rank")
     g.add_argument("--max-batches", type=positive_int, help="cap batches per epoch (train, test)")
     g.add_argument(
@@ -125,14 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.augment,
         help="colour jitter and noise on the training inputs",
     )
+    g.add_argument(
+        "--augment-in",
+        choices=AUGMENT_IN,
+        default=d.augment_in,
+        help="where augmentation runs; auto: the DALI graph on a GPU, fused torch ops on a CPU",
+    )
     g = p.add_argument_group("Model")
     g.add_argument("--widths", type=widths_type, default=d.widths, help="e.g. 16,32,64,128,256")
-    g.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="NHWC memory format (faster on CPU and GPU)",
-    )
+    on_off = argparse.BooleanOptionalAction
+    g.add_argument("--channels-last", action=on_off, default=True, help="NHWC (faster on CPU/GPU)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16, CUDA")
     g = p.add_argument_group("Optimisation")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs")
@@ -162,9 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.profile,
         help="cprofile.prof, or a torch.profiler trace for TensorBoard",
     )
-    g.add_argument(
-        "--figure-samples", type=positive_int, default=d.figure_samples, help="rows in results.png"
-    )
+    g.add_argument("--figure-samples", type=positive_int, default=d.figure_samples, help="rows")
     return p
 
 
@@ -185,9 +170,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, LoaderConfig]:
     """``(train_loader, test_loader, loader_cfg)``; each rank reads its part of the shards."""
-    if cfg.data and not (Path(cfg.data) / "manifest.json").is_file():
+    if cfg.data and not (Path(cfg.data) / MANIFEST).is_file():
         raise TrainError(
-            f"--data {cfg.data}: no manifest.json there; build shards with "
+            f"--data {cfg.data}: no {MANIFEST} there; build shards with "
             "`python -m sharding.build ZIPS --out DIR` and pass that DIR"
         )
     loader_cfg = LoaderConfig(
@@ -197,6 +182,7 @@ def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, LoaderConfig
         num_threads=cfg.num_threads,
         seed=cfg.seed,
         augment=cfg.augment,
+        augment_in=cfg.augment_in,
     )
     try:
         train_loader = build_loader(cfg.data or cfg.train, "train", loader_cfg)
@@ -212,12 +198,15 @@ def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, LoaderConfig
 
 
 def build_model(
-    cfg: TrainConfig, channels: int, rt: Runtime
+    cfg: TrainConfig, channels: int, loader_cfg: LoaderConfig, rt: Runtime
 ) -> tuple[nn.Module, nn.Module, UNetConfig]:
-    """The UNet on ``rt.device`` in ``rt.memory_format``, and its loss."""
+    """The UNet for the loader's geometry on ``rt.device`` in ``rt.memory_format``, and its loss."""
     try:
-        unet_cfg = UNetConfig(
-            in_channels=channels, widths=cfg.widths, channels_last=cfg.channels_last
+        unet_cfg = UNetConfig.for_geometry(
+            loader_cfg.geometry,
+            in_channels=channels,
+            widths=cfg.widths,
+            channels_last=cfg.channels_last,
         )
         loss_cfg = LossConfig(mask_weight=cfg.mask_weight, depth_weight=cfg.depth_weight)
     except ValueError as e:
@@ -243,7 +232,7 @@ def build_state(
     cfg: TrainConfig, rt: Runtime, run: RunDir, channels: int, loader_cfg: LoaderConfig
 ) -> TrainState:
     """Model, loss, optimizer, schedule; restored from --resume's last.pt or from --weights."""
-    model, loss_fn, unet_cfg = build_model(cfg, channels, rt)
+    model, loss_fn, unet_cfg = build_model(cfg, channels, loader_cfg, rt)
     optimizer, scheduler = build_optimizer(cfg, model)
     train_model = distributed.wrap_ddp(model, rt)
     state = TrainState(
@@ -338,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         cleanup.callback(teardown, rt)
         if rt.is_main:
             print(json.dumps(asdict(cfg), indent=2))
-        run.prepare(asdict(cfg), cfg.resume, cfg.overwrite, rt)
+        # The data is checked first, so a mistyped --data leaves no run directory behind.
         train_loader, test_loader, loader_cfg = build_loaders(cfg, rt)
+        run.prepare(asdict(cfg), cfg.resume, cfg.overwrite, rt)
         state = build_state(cfg, rt, run, train_loader.channels, loader_cfg)
         logger = cleanup.enter_context(MetricLogger(run.path / "tb" if rt.is_main else None))
         profiling = cfg.profile == "cprofile" and rt.is_main

@@ -135,6 +135,24 @@ def colour_matrix(p: dict[str, torch.Tensor]) -> torch.Tensor:
     return hue @ sat
 
 
+_CONSTANTS: dict[tuple, torch.Tensor] = {}
+
+
+def _constant(value: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A constant on ``device``, made once: no host-to-device copy per batch."""
+    key = (str(device), value if isinstance(value, float) else id(value))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.as_tensor(value, dtype=torch.float32).to(device)
+    return _CONSTANTS[key]
+
+
+def _upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host values to ``device``; to a GPU through pinned memory, so the copy does not block."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 def to_float(
     images: torch.Tensor,
     mean: float,
@@ -165,24 +183,23 @@ def to_float(
             images, _scratch((min(chunk, batch), 3, height, width), device, torch.uint8)
         )
     if params is None:
-        scale = torch.tensor(1 / (255 * std), device=device)
-        bias = torch.tensor(-mean / std, device=device)
+        scale, bias = _constant(1 / (255 * std), device), _constant(-mean / std, device)
         for start in range(0, batch, chunk):
             pixels = scratch[: min(chunk, batch - start)].copy_(images[start : start + chunk])
             torch.addcmul(bias, pixels, scale, out=out[start : start + chunk])
         return out
-    # Per-sample scalars stay on the images' device: no host sync on the GPU path.
-    brightness = params["brightness"].to(device)
-    contrast = params["contrast"].to(device)
+    # Per-sample scalars go to the images' device from pinned memory, asynchronously.
+    brightness = _upload(params["brightness"], device)
+    contrast = _upload(params["contrast"], device)
     # shift = ((1 - c) * b * grey / 255 - mean) / std, as grey * grey_weight + bias
     grey_weight = ((1 - contrast) * brightness / (255 * std)).view(-1, 1)
-    bias = torch.tensor(-mean / std, device=device)
+    bias = _constant(-mean / std, device)
     gain = brightness * contrast / (255 * std)
     if channels == 3:
         # (B, 3, 3) with rows over output channels; luma first, for the grey level
-        matrix = gain.view(-1, 1, 1) * colour_matrix(params).to(device, torch.float32)
+        matrix = gain.view(-1, 1, 1) * _upload(colour_matrix(params).float(), device)
         columns = [matrix[:, :, k : k + 1] for k in range(3)]  # (B, 3, 1) each
-        luma = _LUMA_F.to(device).view(3, 1)
+        luma = _constant(_LUMA_F, device).view(3, 1)
     else:
         gain = gain.view(-1, 1, 1, 1)
     # Only the flagged samples (noise_prob of them) pay for noise.

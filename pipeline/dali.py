@@ -292,8 +292,9 @@ class _Run:
         self.iterator = None
         if self.gpu:
             policy = LastBatchPolicy.DROP if cfg.last_batch == "drop" else LastBatchPolicy.PARTIAL
-            # Copies (or hands over, with DALI's dynamic executor) each output as a torch
-            # tensor ordered after DALI's stream on torch's current stream: no host sync.
+            # Hands each output over as a torch tensor (zero-copy with DALI's dynamic executor).
+            # note: each batch waits on the host until DALI's GPU work for it is done; with
+            # PREFETCH batches queued ahead, that work overlaps the training step.
             self.iterator = DALIGenericIterator(
                 self.pipe, self.names, reader_name="Reader", last_batch_policy=policy
             )
@@ -306,8 +307,21 @@ class _Run:
         """
         if self.iterator is not None:
             # iter() resets the iterator after a finished epoch (DALI's plugin does that).
+            # The reader pads each shard to the longest one and to whole batches; the plugin
+            # trims most of that, but can hand over an empty last batch: trim to this rank's
+            # samples here, as the CPU path does.
+            seen, size = 0, self.graph.cfg.batch_size
             for outputs in self.iterator:
-                yield outputs[0]
+                batch = outputs[0]
+                valid = min(len(batch["key"]), self.rank_samples - seen)
+                if valid <= 0 or (valid < size and self.graph.cfg.last_batch == "drop"):
+                    continue
+                seen += valid
+                yield (
+                    batch
+                    if valid == len(batch["key"])
+                    else {k: v[:valid] for k, v in batch.items()}
+                )
             return
         cfg = self.graph.cfg
         meta = self.pipe.reader_meta("Reader")
@@ -346,12 +360,15 @@ class DaliEpochs:
     DALI's buffers and are valid only until the next batch is requested.
     """
 
-    def __init__(self, graph: Graph, rank_samples: int):
+    def __init__(self, graph: Graph, rank_samples: int, total_samples: int):
         self.graph, self.rank_samples = graph, rank_samples
         # Only an unshuffled, unaugmented split (the test split) reads the same batches every
         # epoch, so only its pipeline is kept; a train epoch's shard order is a pipeline
         # argument, and its reader shuffle and random state would carry over.
-        self.reusable = not graph.shuffle and not graph.augment
+        # Ranks with unequal sample counts leave the reader's padding unread at an epoch's end,
+        # which would shift the next epoch of a kept pipeline: keep it only for equal shares.
+        equal = rank_samples * graph.shard[1] == total_samples
+        self.reusable = not graph.shuffle and not graph.augment and equal
         self._kept: _Run | None = None
 
     def epoch(self, shards: list[Shard], seed: int) -> Iterator[dict]:
@@ -442,10 +459,10 @@ def decode_only_pipeline(paths, index_paths, channels, gpu):
     colour = types.RGB if channels == 3 else types.GRAY
     device = "mixed" if gpu else "cpu"
     return (
-        fn.decoders.image(bg, device=device, output_type=colour),
-        fn.decoders.image(fg_bg, device=device, output_type=colour),
-        fn.decoders.image(mask, device=device, output_type=types.GRAY),
-        fn.decoders.image(depth, device=device, output_type=types.GRAY),
+        fn.decoders.image(bg, device=device, output_type=colour, jpeg_fancy_upsampling=True),
+        fn.decoders.image(fg_bg, device=device, output_type=colour, jpeg_fancy_upsampling=True),
+        fn.decoders.image(mask, device=device, output_type=types.GRAY, jpeg_fancy_upsampling=True),
+        fn.decoders.image(depth, device=device, output_type=types.GRAY, jpeg_fancy_upsampling=True),
     )
 
 

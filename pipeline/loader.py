@@ -158,7 +158,7 @@ class Loader:
                 augment=self.augment,
                 cfg=self.cfg,
             )
-            self._dali = dali.DaliEpochs(graph, self.num_samples)
+            self._dali = dali.DaliEpochs(graph, self.num_samples, self.source.num_samples)
         batches = self._dali.epoch(shards, seed)
         if self.augment_in == "dali":
             yield from batches  # already the model's batch, made on the pipeline's device

@@ -53,6 +53,4 @@ def test_missing_or_empty_data_is_one_line_and_exit_1(command, state, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert str(data) in lines[0]
-    if command == "train.py" and out.exists():
-        pytest.xfail("train.py writes OUT/config.json before it checks --data")
     assert snapshot(tmp_path) == before

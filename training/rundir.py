@@ -22,6 +22,24 @@ from training.checkpoint import TrainState, save_checkpoint
 from training.distributed import Runtime, rank0_verdict
 from training.errors import TrainError
 
+# What train.py --help says of the run directory.
+RUN_DIR_HELP = """\
+RUNDIR (written by rank 0 only):
+
+- ``config.json``: the resolved :class:`TrainConfig`.
+- ``checkpoints/last.pt``, ``checkpoints/best.pt`` (best test IoU): model, optimizer,
+  scheduler, epoch, rng (torch, cuda, numpy, python), config, model_config, loader_config,
+  history, best_iou; plain tensors and lists, read with ``torch.load(weights_only=True)``.
+- ``tb/``: TensorBoard scalars ``train/*``, ``train_step/*``, ``test/*``, the image grid
+  ``test/samples``, the model graph, ``weights/*`` histograms (``--histograms``), ``gpu/*``.
+- ``timings.csv``: epoch, train_s, data_s, misc_s, samples, samples_per_s.
+- ``metrics.json``: ``test`` (iou, dice, depth_rmse, depth_mae, depth_ssim, loss, mask_bce,
+  depth_ssim_loss, samples on the whole test split), ``history`` (per epoch: train, test,
+  timing), ``params``, ``macs``, ``best_test_iou``.
+- ``results.png``: test samples with bg, fg_bg, true/predicted mask (IoU), true/predicted depth.
+- ``cprofile.prof`` (``--profile cprofile``), ``profile/`` (``--profile torch``).
+- On CUDA: ``memory_layers.csv`` (per-layer memory, first steps) and ``gpu_report.json``.
+"""
 # fmt: off
 RUN_FILES = (
     "config.json", "metrics.json", "timings.csv", "results.png", "memory_layers.csv",

@@ -77,42 +77,88 @@ def train_step(
 
 
 class StepTimer:
-    """Splits the wall time of training steps into data wait and compute, with the host clock.
+    """Splits the wall time of training steps into data wait and compute, without host syncs.
 
-    :meth:`next_batch` times the wait for a batch; :meth:`step_done` syncs with the device
-    so the step's GPU work is counted as compute, not as the next data wait.
+    On the CPU the host clock tells both: :meth:`next_batch` times the wait for a batch and
+    :meth:`step_done` the step after it. On CUDA the host only queues work, so its clock would
+    count GPU work as data wait. There each step is bracketed by two CUDA events, read only
+    when a figure is asked for (a log step or the epoch's end): compute is the time between a
+    step's two events on the GPU, and data wait is the GPU's idle gap before the next step,
+    which is the time the host spent waiting for that batch once the queue ran dry.
     """
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.data_s = 0.0
-        self.train_s = 0.0
+        self.cuda = rt.device.type == "cuda"
         self.samples = 0
+        self._data_s = 0.0
+        self._train_s = 0.0
         self._ready = time.perf_counter()  # when the last batch arrived
         self._window_start = self._ready
         self._window_data_s = 0.0
         self._window_samples = 0
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._start: torch.cuda.Event | None = None  # the current step's start event
+        self._last_end: torch.cuda.Event | None = None  # the last read step's end event
 
     def next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
         """The next batch from ``batches`` (None when they run out), its wait counted."""
         tic = time.perf_counter()
         batch = next(batches, None)
         self._ready = time.perf_counter()
-        self.data_s += self._ready - tic
-        self._window_data_s += self._ready - tic
+        if not self.cuda or (self._last_end is None and not self._pending):
+            # On CUDA only the first wait is host time: no GPU work came before it.
+            self._add_data(self._ready - tic)
+        if self.cuda and batch is not None:
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
         return batch
 
     def step_done(self, samples: int) -> None:
         """Close the step that began when the last batch arrived."""
-        self.rt.sync()  # note: a CPU-GPU sync point, so GPU work is counted as train time
-        self.train_s += time.perf_counter() - self._ready
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()  # read later: no sync here
+            self._pending.append((self._start, end))
+        else:
+            self._train_s += time.perf_counter() - self._ready
         self.samples += samples
         self._window_samples += samples
 
+    @property
+    def data_s(self) -> float:
+        """Seconds spent waiting for batches (so far)."""
+        self._read_events()
+        return self._data_s
+
+    @property
+    def train_s(self) -> float:
+        """Seconds spent computing steps (so far)."""
+        self._read_events()
+        return self._train_s
+
     def window(self) -> tuple[float, float]:
         """``(samples/s, data-wait share)`` since the previous call, for a log line."""
+        self._read_events()
         now = time.perf_counter()
         elapsed = max(now - self._window_start, 1e-9)
-        rate, wait = self._window_samples / elapsed, self._window_data_s / elapsed
+        rate, wait = self._window_samples / elapsed, min(self._window_data_s / elapsed, 1.0)
         self._window_start, self._window_data_s, self._window_samples = now, 0.0, 0
         return rate, wait
+
+    def _add_data(self, seconds: float) -> None:
+        self._data_s += seconds
+        self._window_data_s += seconds
+
+    def _read_events(self) -> None:
+        """Turn the queued steps' events into seconds; waits for the last one to finish."""
+        if not self._pending:
+            return
+        # note: a CPU-GPU sync point, reached only at log steps and at the epoch's end
+        self._pending[-1][1].synchronize()
+        for start, end in self._pending:
+            if self._last_end is not None:
+                self._add_data(self._last_end.elapsed_time(start) / 1000)
+            self._train_s += start.elapsed_time(end) / 1000
+            self._last_end = end
+        self._pending.clear()
