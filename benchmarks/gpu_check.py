@@ -69,7 +69,7 @@ def require_gpu_stack() -> dict[str, str]:
 
 def steps(out: Path, data: Path, py: str, quick: bool) -> list[tuple[str, list[str], int]]:
     """(name, argv, timeout_s) for every check after the data is built."""
-    batches = "10" if quick else "40"
+    batches = "5" if quick else "20"
     return [
         ("pytest-gpu", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], 120),
         (
@@ -87,7 +87,7 @@ def steps(out: Path, data: Path, py: str, quick: bool) -> list[tuple[str, list[s
                 "decode-ceiling",
                 "--augment-in",
                 "dali",
-                "torch",
+                "--both-augment-in",
                 "--batch-size",
                 "256",
                 "--batches",
