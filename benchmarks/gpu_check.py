@@ -115,7 +115,7 @@ def steps(out: Path, data: Path, py: str, quick: bool) -> list[tuple[str, list[s
                 "--json",
                 str(out / "model_step.json"),
             ],
-            150,
+            240,
         ),
         (
             "train-throughput",
