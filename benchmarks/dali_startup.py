@@ -113,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not dali_available():
         print("error: nvidia.dali is not installed; this benchmark times DALI", file=sys.stderr)
-        return 2
+        return 1
     try:
         report = run(args)
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return 1
     for split, result in report["splits"].items():
         overhead = result["median_start_overhead_s_after_epoch_0"]
         firsts = ", ".join(f"{e['first_batch_s']:.3f}" for e in result["epochs"])

@@ -23,6 +23,7 @@ COMMANDS = {
     "sharding.verify": "-m sharding.verify {data}",
     "pipeline.preview": "-m pipeline.preview --data {data} --out {out}",
     "benchmarks.loaders": "-m benchmarks.loaders --data {data} --json {out}",
+    "benchmarks.dali_startup": "-m benchmarks.dali_startup --data {data} --json {out}",
     "benchmarks.shard_vs_unzip": "-m benchmarks.shard_vs_unzip {data} --json {out}",
     "benchmarks.train_throughput": "-m benchmarks.train_throughput --data {data} --json {out}",
     "train.py": "train.py --data {data} --out {out}",
