@@ -17,9 +17,9 @@ from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
 from pipeline.augment import draw_params, to_float
 from pipeline.config import resolve_threads
 from pipeline.loader import dali_available, resolve_augment_in
+from sharding.shard_format import PARTS
 from tests.conftest import run_cli
 
-PARTS = ("bg", "fg_bg", "mask", "depth")
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -23,8 +23,8 @@ from torch import nn
 from sharding.atomic import atomic_write
 from training.errors import TrainError
 
-FORMAT = "maskdepth-checkpoint"
-FORMAT_VERSION = 1
+CHECKPOINT_FORMAT = "maskdepth-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
 
 
 class CheckpointError(TrainError):
@@ -40,7 +40,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path = Path(path)
     try:
         with atomic_write(path, "wb") as f:
-            torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, f)
+            header = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION}
+            torch.save({**header, **state}, f)
     # torch.save reports a failed write (a full disk, a size limit) as RuntimeError from its
     # zip writer, or as OSError when the file cannot even be opened.
     except (OSError, RuntimeError) as e:
@@ -64,12 +65,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"refused to load checkpoint {path}: it is not a plain-tensor checkpoint "
             f"({first_line}); only load checkpoints written by train.py"
         ) from e
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a maskdepth checkpoint written by train.py")
-    if state.get("format_version") != FORMAT_VERSION:
+    if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format_version={state.get('format_version')} but this "
-            f"train.py reads version {FORMAT_VERSION}; retrain or use the matching version"
+            f"train.py reads version {CHECKPOINT_FORMAT_VERSION}; retrain or use the matching "
+            "version"
         )
     return state
 
