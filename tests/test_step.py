@@ -1,4 +1,4 @@
-"""StepTimer: the data/compute split, from the host clock on the CPU and CUDA events on a GPU."""
+"""The training step (bf16 on CUDA) and StepTimer's data/compute split (host clock, CUDA events)."""
 
 from __future__ import annotations
 
@@ -81,3 +81,33 @@ def test_cuda_events_count_gpu_work_as_compute():
             a = (a @ a).clamp_(-1, 1)  # queued GPU work, far longer than the host's part
         timer.step_done(samples=1)
     assert timer.train_s > 0.001 and timer.train_s > timer.data_s
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_train_step_on_cuda_learns_in_channels_last():
+    from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
+    from training.step import forward_loss, train_step
+
+    torch.manual_seed(0)
+    rt = Runtime(device=torch.device("cuda"), amp=True, memory_format=torch.channels_last)
+    model = UNet(UNetConfig(in_channels=1)).to(rt.device, memory_format=rt.memory_format)
+    loss_fn = MaskDepthLoss(LossConfig()).to(rt.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    mask = (torch.rand(8, 1, 160, 160, device="cuda") > 0.5).float()
+    batch = {
+        "bg": torch.randn(8, 1, 160, 160, device="cuda"),
+        "fg_bg": torch.randn(8, 1, 160, 160, device="cuda") + mask,
+        "mask": mask,
+        "depth": torch.rand(8, 1, 80, 80, device="cuda"),
+    }
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    dtypes = []
+    conv.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    before = forward_loss(model, loss_fn, batch, rt).losses["loss"].item()
+    assert dtypes == [torch.bfloat16]  # autocast ran the convolutions in bf16
+    for _ in range(20):
+        out = train_step(model, loss_fn, optimizer, batch, rt)
+    assert out.mask_logits.dtype == torch.float32  # the loss runs in float32
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert out.losses["loss"].item() < before
