@@ -25,6 +25,7 @@ import torch
 
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 from sharding.atomic import write_json
+from training.distributed import DeviceError, resolve_device
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 _PROG = "python -m benchmarks.model_step"
@@ -187,8 +188,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def environment_problem(args: argparse.Namespace) -> str | None:
     """Why this machine or file system cannot run ``args``, or None."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda given but torch sees no CUDA device; use --device cpu"
+    try:
+        resolve_device(args.device)
+    except DeviceError as e:
+        return str(e)
     if args.json is not None and args.json.exists() and not args.overwrite:
         return f"{args.json} exists; pass --overwrite to replace it"
     if args.json is not None and not args.json.parent.is_dir():
