@@ -185,14 +185,20 @@ sys.exit(build.main(sys.argv[1:]))
 """
 
 
-def test_killed_build_leaves_no_manifest_and_a_rerun_succeeds(s3_env, tiny_zips):
+def test_killed_build_leaves_no_manifest_and_a_rerun_succeeds(
+    s3_env, tiny_zips, tmp_path, monkeypatch
+):
     url = f"s3://{BUCKET}/killed"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the build stages its shards
     zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
     args = [*zips, "--out", url, "--samples-per-shard", str(TINY_PER_SHARD), "--workers", "1"]
     killed = run_cli("-c", KILLED_BUILD, *args)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     names = storage.list_names(url)
     assert names and MANIFEST not in names
+    # A SIGKILL leaves the local staging directory behind, holding only the unsent shard.
+    (staging,) = tmp_path.glob("maskdepth-build-*")
+    assert len(list(staging.iterdir())) <= 2
     rerun = run_cli("-m", "sharding.build", *args)
     assert rerun.returncode == 0, rerun.stderr
     assert run_cli("-m", "sharding.verify", url).returncode == 0
