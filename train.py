@@ -25,6 +25,7 @@ from tqdm import tqdm
 from model import LossConfig, MaskDepthLoss, MaskDepthMetrics, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
+from sharding import storage
 from sharding.shard_format import MANIFEST
 from training import distributed, figures, monitor
 from training.checkpoint import TrainState
@@ -96,8 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, epilog=RUN_DIR_HELP, formatter_class=HelpFormatter
     )
     g = p.add_argument_group("Data")
-    g.add_argument("--data", help="dataset dir with manifest.json (train and test splits)")
-    g.add_argument("--train", help="train shards in brace notation, D/train-{000000..000009}.tar")
+    g.add_argument(
+        "--data", help="dataset dir or s3://BUCKET/PREFIX with manifest.json (train and test)"
+    )
+    g.add_argument(
+        "--train", help="train shards in brace notation, D/train-{000000..000009}.tar (or s3://)"
+    )
     g.add_argument("--test", help="test shards in brace notation (with --train)")
     loaders = ("auto", "dali", "torch")
     g.add_argument("--loader", choices=loaders, default=d.loader, help="auto: DALI if it imports")
@@ -170,7 +175,11 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, LoaderConfig]:
     """``(train_loader, test_loader, loader_cfg)``; each rank reads its part of the shards."""
-    if cfg.data and not (Path(cfg.data) / MANIFEST).is_file():
+    try:  # a directory or an s3:// prefix
+        has_manifest = not cfg.data or storage.exists(storage.join(cfg.data, MANIFEST))
+    except storage.StorageError as e:
+        raise TrainError(f"--data {e}") from None
+    if not has_manifest:
         raise TrainError(
             f"--data {cfg.data}: no {MANIFEST} there; build shards with "
             "`python -m sharding.build ZIPS --out DIR` and pass that DIR"

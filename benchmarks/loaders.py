@@ -34,7 +34,6 @@ import random
 import resource
 import statistics
 import sys
-import tarfile
 import tempfile
 import time
 from dataclasses import replace
@@ -49,9 +48,10 @@ from tqdm import tqdm
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from pipeline.loader import dali_available, resolve_augment_in
-from pipeline.source import DataSource, resolve_source
+from pipeline.source import DataSource, open_tar, resolve_source
 from sharding.atomic import write_json
 from sharding.shard_format import META_EXT, PARTS, image_ext, part_of, split_member
+from sharding.storage import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def extract_loose(data: DataSource, out: Path) -> list[dict[str, Path]]:
     """Unpack the shards into the reference's folder layout (one folder per source zip)."""
     samples = []
     for shard in data.shards:
-        with tarfile.open(shard.path, "r:") as archive:
+        with open_tar(shard.path) as archive:
             members = {}
             for member in archive:
                 key, ext = split_member(member.name)
@@ -196,7 +196,7 @@ def encoded_jpegs(data: DataSource) -> list[tuple[bytes, str]]:
     mode = "RGB" if data.channels == 3 else "L"
     encoded = []
     for shard in data.shards:
-        with tarfile.open(shard.path, "r:") as archive:
+        with open_tar(shard.path) as archive:
             for member in archive:
                 part = part_of(split_member(member.name)[1])
                 if part is not None:
@@ -485,7 +485,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--data", required=True, help="shard directory (with manifest.json)")
+    parser.add_argument(
+        "--data", required=True, help="shard directory or s3://BUCKET/PREFIX (with manifest.json)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument(
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = run(args)
-    except LoaderError as exc:
+    except (LoaderError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_table(report)

@@ -1,5 +1,7 @@
 """Find the shards of a split, from a dataset directory or a WebDataset URL, and check them early.
 
+A dataset directory may be an ``s3://bucket/prefix`` and a URL an ``s3://`` brace pattern;
+``sharding.storage`` reads either, and a storage failure becomes a one-line ``LoaderError``.
 Every check here is cheap (file sizes, tar magic, the index's last offset), so a missing,
 truncated or foreign file fails at ``build_loader`` with its path instead of deep inside a
 DALI worker thread or a DataLoader worker. The manifest, index and member formats come from
@@ -13,10 +15,12 @@ import logging
 import os
 import tarfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.config import LoaderError
+from sharding import storage
 from sharding.shard_format import (
     MANIFEST,
     PARTS,
@@ -61,19 +65,28 @@ class DataSource:
 
 
 def resolve_source(source: str | os.PathLike, split: str) -> DataSource:
-    """Resolve a dataset directory (with manifest.json) or a brace URL into checked shards."""
+    """Resolve a dataset directory or s3:// prefix (with manifest.json), or a brace URL of
+    shards, into checked shards."""
     text = os.fspath(source)
-    if os.path.isdir(text):
-        return _from_manifest(Path(text), split)
-    if not os.path.exists(text) and not any(c in text for c in "{}") and TAR_SUFFIX not in text:
-        raise LoaderError(
-            f"{text}: no such dataset directory (one with manifest.json) or shard file"
-        )
-    return _from_url(text)
+    try:
+        if is_shard_pattern(text):
+            return _from_url(text)
+        if storage.is_url(text) or os.path.isdir(text):
+            return _from_manifest(text, split)
+    except storage.StorageError as exc:
+        raise LoaderError(str(exc)) from None
+    raise LoaderError(f"{text}: no such dataset directory (one with manifest.json) or shard file")
 
 
-def _from_manifest(root: Path, split: str) -> DataSource:
-    manifest_path = root / MANIFEST
+def is_shard_pattern(text: str) -> bool:
+    """True for a shard file or brace pattern, False for a dataset directory or prefix."""
+    if any(c in text for c in "{}") or text.rstrip("/").endswith(TAR_SUFFIX):
+        return True
+    return not storage.is_url(text) and os.path.exists(text) and not os.path.isdir(text)
+
+
+def _from_manifest(root: str, split: str) -> DataSource:
+    manifest_path = storage.join(root, MANIFEST)
     try:
         manifest = read_manifest(root)
     except ManifestMissing as exc:
@@ -87,17 +100,15 @@ def _from_manifest(root: Path, split: str) -> DataSource:
         raise LoaderError(f"{manifest_path}: no split {split!r} (has {sorted(splits)})")
     shards = []
     for entry in splits[split]["shards"]:
-        path = root / entry["file"]
-        index = root / entry["index"] if entry.get("index") else None
-        if index is not None and not index.is_file():
-            raise LoaderError(f"{index}: DALI index listed in {manifest_path} is missing")
-        samples = check_shard(str(path), str(index) if index else None)
+        path = storage.join(root, entry["file"])
+        index = storage.join(root, entry["index"]) if entry.get("index") else None
+        samples = check_shard(path, index, listed_in=manifest_path)
         if samples != entry["samples"]:
             raise LoaderError(
                 f"{path}: holds {samples} samples but {manifest_path} says {entry['samples']}; "
                 "the shard was replaced or the build was interrupted, rebuild it"
             )
-        shards.append(Shard(str(path), str(index) if index else None, samples))
+        shards.append(Shard(path, index, samples))
     if not shards:
         raise LoaderError(f"{manifest_path}: split {split!r} has no shards")
     sizes = {
@@ -105,15 +116,18 @@ def _from_manifest(root: Path, split: str) -> DataSource:
         for part, info in manifest["images"].items()
         if part in PARTS
     }
-    return DataSource(tuple(shards), int(manifest["channels"]), sizes, str(root))
+    return DataSource(tuple(shards), int(manifest["channels"]), sizes, root)
 
 
 def expand_url(url: str) -> list[str]:
-    """Expand a WebDataset brace pattern of local paths, rejecting what DALI cannot read."""
+    """Expand a WebDataset brace pattern of local paths or s3:// URLs, rejecting what DALI
+    cannot read."""
     from braceexpand import UnbalancedBracesError, braceexpand
 
-    if "://" in url or url.startswith("pipe:"):
-        raise LoaderError(f"{url}: only local shard paths are supported, not URLs or pipes")
+    if ("://" in url and not storage.is_url(url)) or url.startswith("pipe:"):
+        raise LoaderError(
+            f"{url}: only local shard paths and s3:// URLs are supported, not other URLs or pipes"
+        )
     try:
         paths = list(braceexpand(url))
     except UnbalancedBracesError as exc:
@@ -131,33 +145,43 @@ def _from_url(url: str) -> DataSource:
     shards = []
     for path in expand_url(url):
         index = index_path_for(path)
-        index = index if index and os.path.isfile(index) else None
+        index = index if index and storage.exists(index) else None
         shards.append(Shard(path, index, check_shard(path, index)))
     channels, sizes = _probe_first_sample(shards[0].path)
     return DataSource(tuple(shards), channels, sizes, url)
 
 
-def check_shard(path: str, index: str | None) -> int:
-    """Return the shard's sample count, or raise LoaderError naming what is wrong with it."""
+def check_shard(path: str, index: str | None, listed_in: str | None = None) -> int:
+    """Return the shard's sample count, or raise LoaderError naming what is wrong with it.
+
+    ``listed_in``: the manifest that lists ``index``, named when the index is missing.
+    """
     try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
+        size = storage.size(path)
+        # Every tar member header carries "ustar" at byte 257; garbage or another format does
+        # not. One ranged read: the shard itself may be remote and large.
+        head = storage.read_bytes(path, 0, _TAR_BLOCK)
+    except storage.NotFound:
         raise LoaderError(f"{path}: shard not found") from None
+    except storage.StorageError as exc:
+        raise LoaderError(str(exc)) from None
     except OSError as exc:
         raise LoaderError(f"{path}: cannot read shard ({exc.strerror})") from None
-    with open(path, "rb") as f:
-        head = f.read(_TAR_BLOCK)
-    # Every tar member header carries "ustar" at byte 257; garbage or another format does not.
     if len(head) < _TAR_BLOCK or head[257:262] != b"ustar":
         raise LoaderError(f"{path}: not a tar archive (no ustar header); the shard is corrupt")
     if index is None:
         return _count_by_scan(path)
-    return _count_by_index(path, index, size)
+    return _count_by_index(path, index, size, listed_in)
 
 
-def _count_by_index(path: str, index: str, size: int) -> int:
+def _count_by_index(path: str, index: str, size: int, listed_in: str | None) -> int:
     try:
-        samples = parse_index(Path(index).read_text())
+        samples = parse_index(storage.read_text(index))
+    except storage.NotFound:
+        where = f" listed in {listed_in}" if listed_in else ""
+        raise LoaderError(f"{index}: DALI index{where} is missing") from None
+    except storage.StorageError as exc:
+        raise LoaderError(str(exc)) from None
     except (OSError, UnicodeDecodeError, IndexFormatError) as exc:
         raise LoaderError(f"{index}: unreadable DALI index ({exc}); rebuild the shards") from exc
     end = index_data_end(samples)  # the data of every member must end inside the file
@@ -172,10 +196,12 @@ def _count_by_index(path: str, index: str, size: int) -> int:
 def _count_by_scan(path: str) -> int:
     keys = set()
     try:
-        with tarfile.open(path, "r:") as archive:
+        with open_tar(path) as archive:
             for member in archive:
                 if member.isfile():
                     keys.add(split_member(member.name)[0])
+    except storage.StorageError as exc:
+        raise LoaderError(str(exc)) from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LoaderError(f"{path}: corrupt or truncated tar ({exc})") from exc
     return len(keys)
@@ -187,7 +213,7 @@ def _probe_first_sample(path: str) -> tuple[int, dict]:
 
     found = {}
     try:
-        with tarfile.open(path, "r:") as archive:
+        with open_tar(path) as archive:
             for member in archive:
                 part = part_of(split_member(member.name)[1])
                 if part is not None and part not in found:
@@ -196,6 +222,8 @@ def _probe_first_sample(path: str) -> tuple[int, dict]:
                         found[part] = (image.mode, (image.height, image.width))
                 if len(found) == len(PARTS):
                     break
+    except storage.StorageError as exc:
+        raise LoaderError(str(exc)) from None
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise LoaderError(f"{path}: corrupt or truncated tar ({exc})") from exc
     missing = [p for p in PARTS if p not in found]
@@ -203,6 +231,17 @@ def _probe_first_sample(path: str) -> tuple[int, dict]:
         raise LoaderError(f"{path}: first sample lacks {missing}; not a maskdepth shard")
     channels = 1 if found["bg"][0] == "L" else 3
     return channels, {part: size for part, (_, size) in found.items()}
+
+
+@contextmanager
+def open_tar(path: str) -> Iterator[tarfile.TarFile]:
+    """A shard as a tar read front to back: a local file, or an object streamed from S3.
+
+    Members must be read in order (``extractfile`` of the member just yielded), as in
+    ``for member in archive``; nothing is downloaded ahead.
+    """
+    with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+        yield archive
 
 
 def find_undecodable(shards, budget_s: float = 60.0) -> str | None:
@@ -215,7 +254,7 @@ def find_undecodable(shards, budget_s: float = 60.0) -> str | None:
     deadline = time.monotonic() + budget_s
     for shard in shards:
         try:
-            with tarfile.open(shard.path, "r:") as archive:
+            with open_tar(shard.path) as archive:
                 for member in archive:
                     if not member.name.endswith(".jpg"):
                         continue
@@ -227,6 +266,8 @@ def find_undecodable(shards, budget_s: float = 60.0) -> str | None:
                             image.load()
                     except (OSError, ValueError, SyntaxError) as exc:
                         return f"{shard.path}: {member.name}: cannot decode ({exc})"
+        except storage.StorageError as exc:
+            return str(exc)
         except (tarfile.TarError, OSError, EOFError) as exc:
             return f"{shard.path}: corrupt or truncated tar ({exc})"
     return None

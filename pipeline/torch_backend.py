@@ -1,5 +1,8 @@
 """The pure-PyTorch backend: webdataset tar iteration, PIL decoding, torch ops in workers.
 
+Shards are read front to back, from local files or streamed from s3:// (``sharding.storage``);
+a rank opens only the shards that hold its samples and stops reading at its last one.
+
 It is the reference the DALI backend is tested against and the fallback where DALI does not
 install (macOS, Windows). Every worker walks the same deterministic sample stream (reading tar
 bytes is cheap) but decodes only the batches it owns (batch j goes to worker j % workers), so
@@ -23,6 +26,7 @@ from pipeline.augment import finish_batch, noise_bank
 from pipeline.config import LoaderConfig, LoaderError, resolve_threads
 from pipeline.preprocess import decode
 from pipeline.source import Shard
+from sharding import storage
 from sharding.shard_format import IMAGE_EXTS, PARTS, image_ext
 
 log = logging.getLogger(__name__)
@@ -38,7 +42,8 @@ def read_samples(shards: list[Shard], start: int, stop: int) -> Iterator[dict]:
             position += shard.samples  # the rank owns nothing here: skip the file unread
             continue
         try:
-            with open(shard.path, "rb") as stream:
+            # A local file, or an s3:// object streamed front to back (sharding.storage).
+            with storage.open_read(shard.path) as stream:
                 members = (
                     {**member, "__url__": shard.path} for member in tar_file_iterator(stream)
                 )
@@ -53,6 +58,8 @@ def read_samples(shards: list[Shard], start: int, stop: int) -> Iterator[dict]:
                     position += 1
                     if position >= stop:
                         return
+        except storage.StorageError as exc:
+            raise LoaderError(str(exc)) from None
         except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
             raise LoaderError(f"{shard.path}: corrupt or truncated tar ({exc})") from exc
 

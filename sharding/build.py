@@ -2,11 +2,18 @@
 
     python -m sharding.build data/zips/batch*_images.zip --out data/shards
 
+    python -m sharding.build data/zips/batch*_images.zip --out s3://bucket/shards
+
 The zips are read in place, never extracted. Every JPEG is validated, so a broken file is
 caught here rather than halfway through training. What the shards, indexes and manifest look
 like is defined in ``sharding.shard_format``. Workers stage each shard under a temporary name;
 the finished shards are renamed into place and ``manifest.json`` is written last, only on
 success: its presence means the shards are complete.
+
+With an ``s3://`` ``--out`` (``sharding.storage``) the workers stage shards in a local temporary
+directory, and the parent uploads each one under its final name as soon as it and every shard
+before it are done, then deletes the local copy: the local disk holds a few shards, never the
+whole set. A failed or killed build leaves shards but no manifest, which a re-run clears.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import mmap
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
@@ -32,6 +41,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from sharding import storage
 from sharding.atomic import TMP_PREFIX, atomic_write
 from sharding.jpeg import JpegError, decode_check, parse_header
 from sharding.layout import ZipLayout, batch_number, classify, zip_tag
@@ -364,34 +374,39 @@ def _ignore_sigint() -> None:
 # --- the build ------------------------------------------------------------------------------
 
 
-def prepare_out(cfg: ShardConfig) -> Path:
-    """Create ``--out``, refusing one with other content unless ``--overwrite``."""
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"--out {out}: exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BuildError(f"--out {out}: cannot create ({e.strerror})") from None
-    entries = list(out.iterdir())
-    own = [p for p in entries if _OWN_FILE.fullmatch(p.name)]
-    finished = (out / MANIFEST).exists()
-    foreign = [p for p in entries if p not in own]
+def prepare_out(cfg: ShardConfig) -> str:
+    """Create ``--out``, refusing one with other content unless ``--overwrite``.
+
+    ``--out`` is a directory or an ``s3://`` prefix; returns it as given.
+    """
+    out = cfg.out
+    if not storage.is_url(out):
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise BuildError(f"--out {out}: exists and is not a directory")
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise BuildError(f"--out {out}: cannot create ({e.strerror})") from None
+    entries = storage.list_names(out)
+    own = [name for name in entries if _OWN_FILE.fullmatch(name)]
+    finished = MANIFEST in entries
+    foreign = [name for name in entries if name not in own]
     if foreign or (finished and not cfg.overwrite):
         if not cfg.overwrite:
+            what = "prefix" if storage.is_url(out) else "directory"
             raise BuildError(
-                f"--out {out}: directory is not empty ({len(entries)} entries); "
-                "pass --overwrite to replace a previous build, or choose another directory"
+                f"--out {out}: {what} is not empty ({len(entries)} entries); "
+                f"pass --overwrite to replace a previous build, or choose another {what}"
             )
         if foreign:
             raise BuildError(
-                f"--out {out}: holds files this tool did not write (e.g. {foreign[0].name}); "
+                f"--out {out}: holds files this tool did not write (e.g. {foreign[0]}); "
                 "refusing to mix them with shards"
             )
     # Leftovers of a killed build (no manifest) are ours to clear; so is a build --overwrite'd.
-    (out / MANIFEST).unlink(missing_ok=True)  # first, so a half-replaced build never looks done
-    for p in own:
-        p.unlink(missing_ok=True)
+    # The manifest goes first, so a half-replaced build never looks done.
+    storage.delete([storage.join(out, MANIFEST)])
+    storage.delete([storage.join(out, name) for name in own if name != MANIFEST])
     return out
 
 
@@ -407,6 +422,12 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
         raise BuildError(f"--verify must be 'header' or 'decode', got {cfg.verify!r}")
     if cfg.workers < 1:
         raise BuildError(f"--workers must be at least 1, got {cfg.workers}")
+    remote_zips = [z for z in cfg.zips if storage.is_url(z)]
+    if remote_zips:
+        raise BuildError(
+            f"{remote_zips[0]}: zips are read from local disk; download them first "
+            "(only --out may be an s3:// URL)"
+        )
     # Sorted by batch number: the listing order on the command line must not change the bytes.
     zips = tuple(sorted(cfg.zips, key=lambda p: (batch_number(os.path.basename(p)) or 0, p)))
     cfg = ShardConfig(**{**asdict(cfg), "zips": zips})
@@ -425,7 +446,27 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
         1, cfg.shard_bytes // (sum(member_bytes) // len(samples) + _SAMPLE_OVERHEAD)
     )
     out = prepare_out(cfg)
+    remote = storage.is_url(out)
+    # Workers write each shard here; for s3:// it is a local directory the uploads drain.
+    staging = tempfile.mkdtemp(prefix="maskdepth-build-") if remote else out
+    try:
+        jobs = plan_jobs(samples, test_idx, per_shard, cfg, zips, staging)
+        publish = _Uploader(out, staging) if remote else None
+        results = _run_jobs(jobs, cfg.workers, len(samples), progress, staging, publish)
+        for result in results:
+            skips.items.extend(result["skipped"])
+        if cfg.strict and skips.items:
+            _remove_tmp(staging)
+            first = skips.items[0]
+            raise BuildError(f"--strict: {first['zip']}: {first['member']}: {first['reason']}")
+        return _finalise(cfg, out, jobs, results, skips, ignored, per_shard)
+    finally:
+        if remote:
+            shutil.rmtree(staging, ignore_errors=True)
 
+
+def plan_jobs(samples, test_idx, per_shard, cfg: ShardConfig, zips, staging: str) -> list[dict]:
+    """One job per shard: its split, samples, and the temporary name a worker writes it to."""
     jobs = []
     for split in SPLITS:
         split_samples = [s for s in samples if (s.zip_index in test_idx) == (split == "test")]
@@ -438,24 +479,43 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
                     "samples": shard,
                     "zips": zips,
                     "verify": cfg.verify,
-                    "out": str(out),
+                    "out": staging,
                     # Staged under the atomic writer's prefix, so any cleanup finds it; renamed
                     # to its final, contiguous name only once every shard is written.
                     "staged": f"{TMP_PREFIX}{shard_stem(split, i)}",
                 }
             )
-    results = _run_jobs(jobs, cfg.workers, len(samples), progress, out)
-    for result in results:
-        skips.items.extend(result["skipped"])
-    if cfg.strict and skips.items:
-        _remove_tmp(out)
-        first = skips.items[0]
-        raise BuildError(f"--strict: {first['zip']}: {first['member']}: {first['reason']}")
-    manifest = _finalise(cfg, out, jobs, results, skips, ignored, per_shard)
-    return manifest
+    return jobs
 
 
-def _run_jobs(jobs, workers, total, progress, out: Path) -> list[dict]:
+class _Uploader:
+    """Uploads finished shards to an s3:// ``--out`` in job order, under their final names.
+
+    Results arrive in job order, so a shard's final number (its split's count of non-empty
+    shards before it) is known on arrival, as ``_finalise`` will name it.
+    """
+
+    def __init__(self, out: str, staging: str):
+        self.out, self.staging = out, staging
+        self.numbers: Counter = Counter()
+
+    def __call__(self, job: dict, result: dict) -> None:
+        if not result["samples"]:
+            return
+        name = shard_stem(job["split"], self.numbers[job["split"]])
+        self.numbers[job["split"]] += 1
+        for suffix in (INDEX_SUFFIX, TAR_SUFFIX):
+            staged = os.path.join(self.staging, f"{result['staged']}{suffix}")
+            try:
+                storage.upload(staged, storage.join(self.out, f"{name}{suffix}"))
+            except storage.StorageError as e:
+                raise BuildError(str(e)) from None
+            os.unlink(staged)  # keep the local disk to a few shards
+
+
+def _run_jobs(jobs, workers, total, progress, out: str, publish=None) -> list[dict]:
+    """Run every job, in worker processes when ``workers > 1``; ``publish`` sees each result
+    in job order as it arrives."""
     bar = tqdm(
         total=total, unit="sample", desc="build", disable=None if progress else True, smoothing=0.1
     )
@@ -463,12 +523,16 @@ def _run_jobs(jobs, workers, total, progress, out: Path) -> list[dict]:
     try:
         if workers > 1:
             with ProcessPoolExecutor(workers, initializer=_ignore_sigint) as pool:
-                for result in pool.map(write_shard, jobs):
+                for job, result in zip(jobs, pool.map(write_shard, jobs)):
+                    if publish:
+                        publish(job, result)
                     results.append(result)
                     bar.update(result["samples"] + len(result["skipped"]))
         else:
             for job in jobs:
                 result = write_shard(job)
+                if publish:
+                    publish(job, result)
                 results.append(result)
                 bar.update(result["samples"] + len(result["skipped"]))
     except BaseException:
@@ -481,13 +545,16 @@ def _run_jobs(jobs, workers, total, progress, out: Path) -> list[dict]:
     return results
 
 
-def _remove_tmp(out: Path) -> None:
-    for p in out.glob(f"{TMP_PREFIX}*"):
+def _remove_tmp(out: str) -> None:
+    for p in Path(out).glob(f"{TMP_PREFIX}*"):
         p.unlink(missing_ok=True)
 
 
-def _finalise(cfg, out: Path, jobs, results, skips: Skips, ignored, per_shard) -> dict:
-    """Rename finished shards to contiguous names, then write the manifest last."""
+def _finalise(cfg, out: str, jobs, results, skips: Skips, ignored, per_shard) -> dict:
+    """Rename finished shards to contiguous names, then write the manifest last.
+
+    For an s3:// ``out`` the ``_Uploader`` has already stored them under those names.
+    """
     splits: dict[str, dict] = {s: {"samples": 0, "shards": []} for s in SPLITS}
     stats: Counter = Counter()
     for job, result in zip(jobs, results):
@@ -497,8 +564,12 @@ def _finalise(cfg, out: Path, jobs, results, skips: Skips, ignored, per_shard) -
             continue  # every sample of this shard was skipped
         split = splits[job["split"]]
         name = shard_stem(job["split"], len(split["shards"]))
-        os.replace(out / f"{result['staged']}{INDEX_SUFFIX}", out / f"{name}{INDEX_SUFFIX}")
-        os.replace(out / f"{result['staged']}{TAR_SUFFIX}", out / f"{name}{TAR_SUFFIX}")
+        if not storage.is_url(out):
+            for suffix in (INDEX_SUFFIX, TAR_SUFFIX):
+                os.replace(
+                    os.path.join(out, f"{result['staged']}{suffix}"),
+                    os.path.join(out, f"{name}{suffix}"),
+                )
         split["samples"] += result["samples"]
         split["shards"].append(
             {
@@ -528,8 +599,10 @@ def _finalise(cfg, out: Path, jobs, results, skips: Skips, ignored, per_shard) -
     }
     try:
         write_manifest(out, manifest)
+    except storage.StorageError as e:
+        raise BuildError(str(e)) from None
     except OSError as e:
-        raise BuildError(f"{out / MANIFEST}: write failed ({e.strerror})") from None
+        raise BuildError(f"{storage.join(out, MANIFEST)}: write failed ({e.strerror})") from None
     return manifest
 
 
@@ -564,7 +637,11 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("zips", nargs="+", help="batch zips, e.g. data/batch*_images.zip")
-    p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output directory, or s3://BUCKET/PREFIX, for shards and manifest.json",
+    )
     p.add_argument(
         "--test-zips",
         nargs="*",
@@ -617,7 +694,7 @@ def print_summary(manifest: dict, elapsed: float, out: str) -> None:
     print(f"  skipped {skipped['count']} samples {skipped['by_reason'] or ''}")
     if manifest["ignored"]:
         print(f"  ignored members: {manifest['ignored']}")
-    print(f"  manifest: {Path(out) / MANIFEST}")
+    print(f"  manifest: {storage.join(out, MANIFEST)}")
 
 
 def _raise_interrupt(signum, frame):
@@ -626,12 +703,13 @@ def _raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials in ..."
     cfg = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up on kill as on Ctrl-C
     start = time.perf_counter()
     try:
         manifest = build(cfg)
-    except BuildError as e:
+    except (BuildError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,6 +1,6 @@
 """The shard format, in one place: what ``sharding.build`` writes and every reader expects.
 
-A shard directory holds::
+A shard directory (or an ``s3://`` prefix, see ``sharding.storage``) holds::
 
     train-000000.tar  train-000000.idx  ...  test-000000.tar  test-000000.idx  ...  manifest.json
 
@@ -20,10 +20,9 @@ import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from sharding.atomic import write_json
+from sharding import storage
 
 FORMAT = "maskdepth-shards"
 FORMAT_VERSION = 1
@@ -179,19 +178,33 @@ _SHARD_KEYS = {"file": str, "index": str, "samples": int, "bytes": int, "sha256"
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
-    """Read ``root/manifest.json`` and check the parts every reader relies on."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not root.is_dir():
+    """Read ``root/manifest.json`` and check the parts every reader relies on.
+
+    ``root`` is a directory or an ``s3://`` prefix; storage that cannot be reached raises
+    ``storage.StorageError``.
+    """
+    root = os.fspath(root)
+    path = storage.join(root, MANIFEST)
+    if not storage.is_url(root) and not os.path.isdir(root):
         raise ManifestMissing(f"{root}: no such directory")
-    if not path.is_file():
+    try:
+        text = storage.read_text(path)
+    except storage.NotFound:
         raise ManifestMissing(
             f"{path}: not found; the build did not finish, or this is not a shard directory "
             "(build one with `python -m sharding.build ZIPS --out DIR`)"
-        )
+        ) from None
+    except IsADirectoryError:
+        raise ManifestMissing(f"{path}: is a directory, not a manifest") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
+    except storage.StorageError:
+        raise
+    except OSError as exc:
+        raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        manifest = json.loads(text)
+    except ValueError as exc:
         raise ManifestError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path}: not a manifest (a JSON object was expected)")
@@ -232,9 +245,10 @@ def _manifest_problem(manifest: dict) -> str | None:
     return None
 
 
-def write_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+def write_manifest(root: str | os.PathLike, manifest: dict[str, Any]) -> str:
     """Write ``root/manifest.json`` atomically; call it last, once every shard is in place."""
-    path = Path(root) / MANIFEST
+    path = storage.join(root, MANIFEST)
     # Sorted keys and a one-space indent: two builds of the same zips are byte-identical.
-    write_json(path, manifest, indent=1, sort_keys=True)
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    storage.write_bytes(path, text.encode("utf-8"))
     return path

@@ -1,6 +1,7 @@
-"""Check a shard directory against its manifest.
+"""Check a shard directory, or an s3:// prefix, against its manifest.
 
     python -m sharding.verify data/shards [--decode]
+    python -m sharding.verify s3://bucket/shards
 
 Checks each shard's sha256 and sample count, that its index matches the tar byte for byte, that
 every sample has all five members, and that no key appears twice. Exits 1 on a mismatch.
@@ -10,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import sys
 import tarfile
-from pathlib import Path
 
 from tqdm import tqdm
 
+from sharding import storage
 from sharding.jpeg import JpegError, decode_check, parse_header
 from sharding.shard_format import (
     IMAGE_EXTS,
@@ -33,7 +35,7 @@ class VerifyError(Exception):
     """The shards do not match the manifest; the message names the file."""
 
 
-def load_manifest(data_dir: Path) -> dict:
+def load_manifest(data_dir: str) -> dict:
     """Read and sanity-check ``manifest.json``."""
     try:
         return read_manifest(data_dir)
@@ -41,21 +43,21 @@ def load_manifest(data_dir: Path) -> dict:
         raise VerifyError(str(e)) from None
 
 
-def verify_shard(data_dir: Path, shard: dict, decode: bool, seen: set[str]) -> int:
+def verify_shard(data_dir: str, shard: dict, decode: bool, seen: set[str]) -> int:
     """Check one shard; return its sample count. ``seen`` collects keys across shards."""
-    tar_path, idx_path = data_dir / shard["file"], data_dir / shard["index"]
-    for path in (tar_path, idx_path):
-        if not path.exists():
-            raise VerifyError(f"{path}: missing")
-    data = tar_path.read_bytes()
+    tar_path = storage.join(data_dir, shard["file"])
+    idx_path = storage.join(data_dir, shard["index"])
+    # One shard at a time in memory: its hash, its tar and its JPEGs all come from here.
+    data = _read_listed(tar_path)
+    index_text = _read_listed(idx_path).decode("utf-8", errors="replace")
     if hashlib.sha256(data).hexdigest() != shard["sha256"]:
         raise VerifyError(f"{tar_path}: sha256 does not match the manifest")
     try:
-        index = parse_index(idx_path.read_text())
+        index = parse_index(index_text)
     except IndexFormatError as e:
         raise VerifyError(f"{idx_path}: {e}") from None
     samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tarfile.open(tar_path) as tar:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         for info in tar:
             key, ext = split_member(info.name)
             samples.setdefault(key, {})[ext] = info
@@ -90,7 +92,15 @@ def verify_shard(data_dir: Path, shard: dict, decode: bool, seen: set[str]) -> i
     return len(samples)
 
 
-def verify(data_dir: Path, decode: bool = False, progress: bool = True) -> dict:
+def _read_listed(path: str) -> bytes:
+    """A file the manifest lists; ``VerifyError`` when it is gone."""
+    try:
+        return storage.read_bytes(path)
+    except storage.NotFound:
+        raise VerifyError(f"{path}: missing") from None
+
+
+def verify(data_dir: str, decode: bool = False, progress: bool = True) -> dict:
     """Verify every shard listed in the manifest; return per-split sample counts."""
     manifest = load_manifest(data_dir)
     counts = {}
@@ -103,7 +113,7 @@ def verify(data_dir: Path, decode: bool = False, progress: bool = True) -> dict:
             total += verify_shard(data_dir, shard, decode, seen)
         if total != info["samples"]:
             raise VerifyError(
-                f"{data_dir / MANIFEST}: {split} lists {info['samples']} samples, "
+                f"{storage.join(data_dir, MANIFEST)}: {split} lists {info['samples']} samples, "
                 f"shards hold {total}"
             )
         counts[split] = total
@@ -115,12 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m sharding.verify",
         description="Check shards against manifest.json: sha256, counts, indexes, completeness.",
     )
-    p.add_argument("data", type=Path, help="shard directory (with manifest.json)")
+    p.add_argument("data", help="shard directory or s3://BUCKET/PREFIX (with manifest.json)")
     p.add_argument("--decode", action="store_true", help="also decode every JPEG fully")
     a = p.parse_args(argv)
     try:
         counts = verify(a.data, decode=a.decode)
-    except VerifyError as e:
+    except (VerifyError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except (OSError, tarfile.TarError) as e:

@@ -1,0 +1,354 @@
+"""Shards on S3-compatible storage, against a real server process on 127.0.0.1 (moto's).
+
+The server is started here, so CI needs no service. Every test runs with a loopback
+``AWS_ENDPOINT_URL``, fake credentials, the instance-metadata lookup disabled and no AWS
+config files, so nothing here can reach a real AWS endpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import LoaderConfig, LoaderError, build_loader
+from pipeline.loader import dali_available
+from sharding import storage
+from sharding.build import BuildError, ShardConfig, build
+from sharding.shard_format import MANIFEST
+from tests.conftest import TINY_PER_SHARD, run_cli
+
+BUCKET = "maskdepth-test"
+BACKENDS = ["dali", "torch"] if dali_available() else ["torch"]
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # never ask 169.254.169.254 for credentials
+}
+# Anything that could point boto3 or DALI's AWS SDK elsewhere than the local server.
+UNSET = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> str:
+    """moto's S3 server on a free loopback port, for the session; stopped by its pid."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "server.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **FAKE_AWS},
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                pytest.fail(f"moto server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield url
+    os.kill(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+@pytest.fixture(scope="module")
+def s3_env(s3_server, tmp_path_factory):
+    """The environment of a user of the local server; subprocesses inherit it."""
+    nowhere = tmp_path_factory.mktemp("no-aws-config") / "absent"
+    with pytest.MonkeyPatch.context() as mp:
+        for key in UNSET:
+            mp.delenv(key, raising=False)
+        for key, value in FAKE_AWS.items():
+            mp.setenv(key, value)
+        mp.setenv("AWS_CONFIG_FILE", str(nowhere))
+        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
+        mp.setenv("AWS_ENDPOINT_URL", s3_server)
+        assert s3_server.startswith("http://127.0.0.1:")
+        storage._client().create_bucket(Bucket=BUCKET)
+        yield s3_server
+
+
+def tiny_cfg(tiny_zips: Path, out: str, **overrides) -> ShardConfig:
+    """What ``conftest.make_shards`` builds ``tiny_shards`` with."""
+    zips = tuple(str(p) for p in sorted(tiny_zips.glob("batch*_images.zip")))
+    return ShardConfig(zips=zips, out=out, samples_per_shard=TINY_PER_SHARD, **overrides)
+
+
+@pytest.fixture(scope="module")
+def s3_shards(s3_env, tiny_zips) -> str:
+    """``tiny_shards``, built straight to s3://."""
+    url = f"s3://{BUCKET}/tiny"
+    build(tiny_cfg(tiny_zips, url), progress=False)
+    return url
+
+
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], result.stderr
+
+
+# --- build and verify -----------------------------------------------------------------------
+
+
+def test_build_to_s3_is_byte_identical_to_a_local_build(s3_shards, tiny_shards):
+    local = sorted(p.name for p in tiny_shards.iterdir())
+    assert storage.list_names(s3_shards) == local
+    for name in local:
+        remote = storage.read_bytes(storage.join(s3_shards, name))
+        assert remote == (tiny_shards / name).read_bytes(), name
+
+
+def test_verify_cli_checks_an_s3_prefix(s3_shards):
+    result = run_cli("-m", "sharding.verify", s3_shards)
+    assert result.returncode == 0, result.stderr
+    assert f"ok: {s3_shards}: test 32 samples, train 32 samples" in result.stdout
+
+
+def test_existing_manifest_is_refused_without_overwrite(s3_shards, tiny_zips):
+    before = storage.read_bytes(storage.join(s3_shards, MANIFEST))
+    zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
+    result = run_cli("-m", "sharding.build", *zips, "--out", s3_shards)
+    one_line_error(result, s3_shards, "--overwrite")
+    assert storage.read_bytes(storage.join(s3_shards, MANIFEST)) == before
+
+
+def test_failed_upload_leaves_no_manifest_and_a_rerun_succeeds(s3_env, tiny_zips, monkeypatch):
+    url = f"s3://{BUCKET}/failed-upload"
+    real_upload, uploads = storage.upload, []
+
+    def failing_upload(local, target):
+        if len(uploads) == 3:
+            raise storage.StorageError(f"{target}: connection reset (injected)")
+        uploads.append(target)
+        real_upload(local, target)
+
+    monkeypatch.setattr(storage, "upload", failing_upload)
+    with pytest.raises(BuildError, match="injected"):
+        build(tiny_cfg(tiny_zips, url), progress=False)
+    names = storage.list_names(url)
+    assert MANIFEST not in names and len(names) == 3  # what got up before the failure
+    monkeypatch.setattr(storage, "upload", real_upload)
+    build(tiny_cfg(tiny_zips, url), progress=False)  # no --overwrite: leftovers are ours
+    assert MANIFEST in storage.list_names(url)
+
+
+# A build that SIGKILLs itself after its second upload: no clean-up code gets to run.
+KILLED_BUILD = """
+import os, signal, sys
+from sharding import build, storage
+real, done = storage.upload, []
+def upload(local, target):
+    if len(done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    done.append(target)
+    real(local, target)
+storage.upload = upload
+sys.exit(build.main(sys.argv[1:]))
+"""
+
+
+def test_killed_build_leaves_no_manifest_and_a_rerun_succeeds(
+    s3_env, tiny_zips, tmp_path, monkeypatch
+):
+    url = f"s3://{BUCKET}/killed"
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # where the build stages its shards
+    zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
+    args = [*zips, "--out", url, "--samples-per-shard", str(TINY_PER_SHARD), "--workers", "1"]
+    killed = run_cli("-c", KILLED_BUILD, *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    names = storage.list_names(url)
+    assert names and MANIFEST not in names
+    # A SIGKILL leaves the local staging directory behind, holding only the unsent shard.
+    (staging,) = tmp_path.glob("maskdepth-build-*")
+    assert len(list(staging.iterdir())) <= 2
+    rerun = run_cli("-m", "sharding.build", *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert run_cli("-m", "sharding.verify", url).returncode == 0
+
+
+def test_large_objects_go_up_in_parts(s3_env, tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "MULTIPART_THRESHOLD", 5 * 2**20)
+    monkeypatch.setattr(storage, "MULTIPART_PART_BYTES", 5 * 2**20)
+    local = tmp_path / "big.tar"
+    payload = os.urandom(11 * 2**20)
+    local.write_bytes(payload)
+    url = f"s3://{BUCKET}/multipart/big.tar"
+    storage.upload(local, url)
+    head = storage._client().head_object(Bucket=BUCKET, Key="multipart/big.tar")
+    assert head["ETag"].strip('"').endswith("-3")  # S3's mark of a 3-part upload
+    assert storage.read_bytes(url) == payload
+
+    client = storage._client()  # a part that fails aborts the upload: no object, no parts
+    real_part = client.upload_part
+    monkeypatch.setattr(client, "upload_part", lambda **kw: real_part(**{**kw, "Bucket": "nope"}))
+    with pytest.raises(storage.StorageError, match="no such bucket"):
+        storage.upload(local, f"s3://{BUCKET}/multipart/failed.tar")
+    assert not storage.exists(f"s3://{BUCKET}/multipart/failed.tar")
+    assert not client.list_multipart_uploads(Bucket=BUCKET).get("Uploads")
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def batches(loader, epoch: int = 0) -> list[dict]:
+    return [dict(batch) for batch in loader.epoch(epoch)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loaders_read_s3_as_they_read_local_shards(backend, s3_shards, tiny_shards):
+    """One train epoch (shuffled, augmented) and the test split: identical keys and pixels."""
+    cfg = LoaderConfig(
+        backend=backend, batch_size=5, num_threads=1, seed=3, shard_id=0, num_shards=1
+    )
+    for split, source in (
+        ("train", s3_shards),
+        ("test", f"{s3_shards}/test-{{000000..000003}}.tar"),
+    ):
+        remote = batches(build_loader(source, split, cfg))
+        local_source = str(tiny_shards) + source[len(s3_shards) :]
+        local = batches(build_loader(local_source, split, cfg))
+        assert [b["key"] for b in remote] == [b["key"] for b in local]
+        assert sum(len(b["key"]) for b in remote) == 32
+        for r, loc in zip(remote, local):
+            for part in ("bg", "fg_bg", "mask", "depth"):
+                assert torch.equal(r[part], loc[part]), (split, part)
+
+
+def test_torch_backend_streams_only_the_ranks_shards(s3_shards, monkeypatch):
+    opened = []
+    real_open = storage.open_read
+
+    def recording_open(path):
+        opened.append(path)
+        return real_open(path)
+
+    cfg = LoaderConfig(backend="torch", batch_size=4, num_threads=0, shard_id=1, num_shards=4)
+    loader = build_loader(f"{s3_shards}/test-{{000000..000003}}.tar", "test", cfg)
+    monkeypatch.setattr(storage, "open_read", recording_open)
+    monkeypatch.setattr(storage, "read_bytes", None)  # a whole-object read would fail here
+    assert len(batches(loader)) == 2
+    assert opened == [f"{s3_shards}/test-000001.tar"]  # rank 1 of 4: the second 8 samples
+
+
+def test_train_py_from_s3_matches_local(s3_shards, tiny_shards, tmp_path):
+    """Train from s3:// --data; its weights evaluate alike on the local copy and on s3:// URLs."""
+    import train
+
+    args = ["--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0"]
+    args += ["--loader", "torch", "--num-threads", "1"]
+    final = train.main(["--data", s3_shards, "--epochs", "1", "--out", str(tmp_path / "s3"), *args])
+    weights = ["--test-only", "--weights", str(tmp_path / "s3" / "checkpoints" / "last.pt")]
+    local = train.main(["--data", str(tiny_shards), *weights, "--out", str(tmp_path / "l"), *args])
+    urls = [f"{s3_shards}/{split}-{{000000..000003}}.tar" for split in ("train", "test")]
+    by_url = ["--train", urls[0], "--test", urls[1], *weights, "--out", str(tmp_path / "u")]
+    evaluated = train.main([*by_url, *args])
+    assert final.keys() == local.keys() == evaluated.keys()
+    for key, value in final.items():
+        assert local[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+        assert evaluated[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+def test_preview_reads_s3(s3_shards, tmp_path):
+    from pipeline import preview
+
+    out = tmp_path / "grid.png"
+    assert (
+        preview.main(["--data", s3_shards, "--out", str(out), "--n", "4", "--loader", "torch"]) == 0
+    )
+    assert out.stat().st_size > 0
+
+
+def test_loader_benchmark_reads_s3(s3_shards, tmp_path):
+    result = run_cli(
+        "-m", "benchmarks.loaders", "--data", s3_shards, "--loaders", "webdataset",
+        "--batch-size", "8", "--batches", "2", "--rounds", "1", "--workers", "1",
+        "--json", str(tmp_path / "report.json"), "--no-progress",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["data"]["path"] == s3_shards and report["data"]["samples"] == 32
+
+
+# --- errors: one line naming the URL, exit 1, in bounded time ---------------------------------
+
+
+def test_missing_object_is_named(s3_env, s3_shards, tiny_zips, tmp_path):
+    url = f"s3://{BUCKET}/missing-shard"
+    build(tiny_cfg(tiny_zips, url), progress=False)
+    storage.delete([f"{url}/train-000002.tar"])
+    one_line_error(run_cli("-m", "sharding.verify", url), f"{url}/train-000002.tar: missing")
+    with pytest.raises(LoaderError, match=f"{url}/train-000002.tar: shard not found"):
+        build_loader(url, "train", LoaderConfig(backend="torch"))
+    result = run_cli("train.py", "--data", f"s3://{BUCKET}/nothing", "--out", str(tmp_path / "r"))
+    one_line_error(result, f"s3://{BUCKET}/nothing: no manifest.json there")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "env", "needle"),
+    [
+        ("missing bucket", {}, "no such bucket 'no-such-bucket'"),
+        ("no credentials", {"AWS_ACCESS_KEY_ID": None}, "no AWS credentials found"),
+        ("unreachable endpoint", {"AWS_ENDPOINT_URL": "closed"}, "cannot reach the S3 endpoint"),
+    ],
+)
+def test_storage_failures_are_one_line_within_seconds(
+    s3_env, case, env, needle, tiny_zips, tmp_path, monkeypatch
+):
+    bucket = "no-such-bucket" if case == "missing bucket" else BUCKET
+    url = f"s3://{bucket}/shards"
+    for key, value in env.items():
+        if value is None:
+            monkeypatch.delenv(key)
+        else:  # nothing listens on a port just freed
+            monkeypatch.setenv(key, f"http://127.0.0.1:{free_port()}")
+    zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
+    commands = {
+        "verify": ("-m", "sharding.verify", url),
+        "build": ("-m", "sharding.build", *zips, "--out", url),
+        "train": ("train.py", "--data", url, "--out", str(tmp_path / "run")),
+    }
+    for name, command in commands.items():
+        start = time.monotonic()
+        result = run_cli(*command, timeout=60)
+        one_line_error(result, url, needle)
+        assert time.monotonic() - start < 30, f"{case}: {name} took too long"
+    assert not (tmp_path / "run").exists()
