@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         # The data is checked first, so a mistyped --data leaves no run directory behind.
         train_loader, test_loader, loader_cfg = build_loaders(cfg, rt)
         run.prepare(asdict(cfg), cfg.resume, cfg.overwrite, rt)
-        steps = min(len(train_loader), cfg.max_batches or len(train_loader))
+        # Every rank sizes its schedule alike, so all ranks step with the same lr.
+        steps = distributed.max_over_ranks(min(len(train_loader), cfg.max_batches or 10**9), rt)
         state = build_state(cfg, rt, run, train_loader.channels, loader_cfg, steps)
         logger = cleanup.enter_context(MetricLogger(run.path / "tb" if rt.is_main else None))
         profiling = cfg.profile == "cprofile" and rt.is_main

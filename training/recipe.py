@@ -40,7 +40,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         mask_weight=4.0,
         dice_weight=1.0,
         depth_weight=1.0,
-        depth_l1_weight=0.0,
+        depth_l1_weight=1.0,
         diff_input=True,
     ),
     "reference": dict(
