@@ -219,7 +219,12 @@ def build_model(
 
 
 def build_state(
-    cfg: TrainConfig, rt: Runtime, run: RunDir, channels: int, loader_cfg: LoaderConfig, steps: int
+    cfg: TrainConfig,
+    rt: Runtime,
+    run: RunDir,
+    channels: int,
+    loader_cfg: LoaderConfig,
+    steps: int = 1,
 ) -> TrainState:
     """Model, loss, optimizer, schedule (over ``steps`` per epoch); restored from --resume's
     last.pt or from --weights."""
