@@ -44,16 +44,16 @@ install-check:
 	done; exit $$failed
 
 # The whole job on a small generated dataset: zips -> shards -> train -> evaluate. The demo
-# trains a slimmer UNet with Adam for 10 epochs: the reference settings (SGD, 5 epochs) need
-# far more than 640 samples to converge, and the demo must finish in minutes on 2 CPU cores.
+# trains a slimmer UNet with the default recipe for 10 epochs so it finishes in minutes on 2
+# CPU cores: test IoU 0.9645, against 0.9226 with the Adam + StepLR flags it used before
+# (README, "Headline figures").
 demo: $(STAMP)
 	$(PY) -m sharding.synth --out $(DEMO)/zips --batches 2 --backgrounds 20 --foregrounds 8 \
 		--placements 4 --seed 0
 	$(PY) -m sharding.build $(DEMO)/zips/batch*_images.zip --out $(DEMO)/shards --overwrite
 	$(PY) -m sharding.verify $(DEMO)/shards
 	$(PY) train.py --data $(DEMO)/shards --out $(DEMO)/run --overwrite --epochs 10 \
-		--batch-size 16 --widths 8,16,32,64 --optimizer adam --lr 0.01 --lr-step 5 \
-		--lr-gamma 0.3 --mask-weight 4 --no-augment
+		--batch-size 16 --widths 8,16,32,64 --no-augment
 
 # Every GPU path on a machine with one CUDA GPU, in about 5 minutes (benchmarks/gpu_check.py).
 # It uses $(PYTHON) as it is: no venv, no install, no network (PYTHON=python3 make gpu-check).

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from model import LossConfig, MaskDepthLoss, MaskDepthMetrics, UNet, UNetConfig
+from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, MaskDepthMetrics, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from sharding import storage
@@ -33,15 +33,16 @@ from training.distributed import DEVICES, Runtime, setup_runtime, teardown
 from training.errors import TrainError, diverged
 from training.logger import LossTotals, MetricLogger
 from training.options import HelpFormatter, positive_int, widths_type
+from training.recipe import RECIPES, add_recipe_args, build_optimizer, resolve
 from training.rundir import RUN_DIR_HELP, EpochClock, RunDir
 from training.step import LOSS_PARTS, StepTimer, forward_loss, train_step
 
 # Options a resumed run must keep, or it would silently mix two runs' model, data or optimisation.
 # fmt: off
 RESUME_KEYS = (
-    "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "optimizer", "lr",
-    "momentum", "weight_decay", "lr_step", "lr_gamma", "mask_weight", "depth_weight", "seed",
-    "epochs",
+    "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
+    "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "lr_step", "lr_gamma",
+    "mask_weight", "dice_weight", "depth_weight", "depth_l1_weight", "seed", "epochs",
 )
 # fmt: on
 
@@ -62,18 +63,24 @@ class TrainConfig:
     augment_in: str = "auto"
     # Model
     widths: tuple[int, ...] = UNetConfig.widths
+    diff_input: bool = RECIPES["default"]["diff_input"]
     channels_last: bool = True
     amp: bool = True
-    # Optimisation
+    # Optimisation: the recipe's fields default to training.recipe.RECIPES["default"]
     epochs: int = 5
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-5
-    lr_step: int = 2
-    lr_gamma: float = 0.1
-    mask_weight: float = 2.0
-    depth_weight: float = 1.0
+    recipe: str = "default"
+    optimizer: str = RECIPES["default"]["optimizer"]
+    lr: float = RECIPES["default"]["lr"]
+    momentum: float = RECIPES["default"]["momentum"]
+    weight_decay: float = RECIPES["default"]["weight_decay"]
+    schedule: str = RECIPES["default"]["schedule"]
+    warmup: float = RECIPES["default"]["warmup"]
+    lr_step: int = RECIPES["default"]["lr_step"]
+    lr_gamma: float = RECIPES["default"]["lr_gamma"]
+    mask_weight: float = RECIPES["default"]["mask_weight"]
+    dice_weight: float = RECIPES["default"]["dice_weight"]
+    depth_weight: float = RECIPES["default"]["depth_weight"]
+    depth_l1_weight: float = RECIPES["default"]["depth_l1_weight"]
     seed: int = 0
     # Run
     device: str = "auto"
@@ -124,18 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Model")
     g.add_argument("--widths", type=widths_type, default=d.widths, help="e.g. 16,32,64,128,256")
     on_off = argparse.BooleanOptionalAction
+    g.add_argument("--diff-input", action=on_off, help="also feed fg_bg - bg, |fg_bg - bg|")
     g.add_argument("--channels-last", action=on_off, default=True, help="NHWC (faster on CPU/GPU)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16, CUDA")
-    g = p.add_argument_group("Optimisation")
+    add_recipe_args(p)
+    g = p.add_argument_group("Length and seed")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs")
-    g.add_argument("--optimizer", choices=("sgd", "adam"), default=d.optimizer, help="optimizer")
-    g.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD only")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="L2 penalty")
-    g.add_argument("--lr-step", type=positive_int, default=d.lr_step, help="StepLR step (epochs)")
-    g.add_argument("--lr-gamma", type=float, default=d.lr_gamma, help="StepLR factor")
-    g.add_argument("--mask-weight", type=float, default=d.mask_weight, help="weight of mask BCE")
-    g.add_argument("--depth-weight", type=float, default=d.depth_weight, help="of 1 - SSIM")
     g.add_argument("--seed", type=int, default=d.seed, help="model init, data order, augmentation")
     g = p.add_argument_group("Run")
     g.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA if present")
@@ -160,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse ``argv`` into a :class:`TrainConfig` and check the combinations argparse cannot."""
-    args = vars(build_parser().parse_args(argv))
+    args = resolve(vars(build_parser().parse_args(argv)))  # unset options from --recipe
     cfg = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
     if bool(cfg.data) == bool(cfg.train or cfg.test):
         raise TrainError("give either --data DIR or both --train URLS and --test URLS")
@@ -215,34 +216,29 @@ def build_model(
             loader_cfg.geometry,
             in_channels=channels,
             widths=cfg.widths,
+            diff_input=cfg.diff_input,
             channels_last=cfg.channels_last,
         )
-        loss_cfg = LossConfig(mask_weight=cfg.mask_weight, depth_weight=cfg.depth_weight)
+        weights = {k: getattr(cfg, k) for k in LOSS_WEIGHTS}
+        loss_cfg = LossConfig(**weights)
     except ValueError as e:
         raise TrainError(str(e)) from e
     model = UNet(unet_cfg).to(rt.device, memory_format=rt.memory_format)
     return model, MaskDepthLoss(loss_cfg).to(rt.device), unet_cfg
 
 
-def build_optimizer(
-    cfg: TrainConfig, model: nn.Module
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """SGD with momentum (the reference) or Adam, and a StepLR schedule stepped per epoch."""
-    params, decay = model.parameters(), cfg.weight_decay
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=decay)
-    else:
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, gamma=cfg.lr_gamma)
-    return optimizer, scheduler
-
-
 def build_state(
-    cfg: TrainConfig, rt: Runtime, run: RunDir, channels: int, loader_cfg: LoaderConfig
+    cfg: TrainConfig,
+    rt: Runtime,
+    run: RunDir,
+    channels: int,
+    loader_cfg: LoaderConfig,
+    steps: int = 1,
 ) -> TrainState:
-    """Model, loss, optimizer, schedule; restored from --resume's last.pt or from --weights."""
+    """Model, loss, optimizer, schedule (over ``steps`` per epoch); restored from --resume's
+    last.pt or from --weights."""
     model, loss_fn, unet_cfg = build_model(cfg, channels, loader_cfg, rt)
-    optimizer, scheduler = build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, model, steps)
     train_model = distributed.wrap_ddp(model, rt)
     state = TrainState(
         model, train_model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg, asdict(cfg)
@@ -279,6 +275,7 @@ def train_one_epoch(
             if batch is None:
                 break
             out = train_step(model, state.loss_fn, optimizer, batch, rt)
+            state.scheduler.step()  # per optimizer step: the schedule spans the run's steps
             timer.step_done(out.samples)
             totals.add(out.losses, out.samples)
             bar.update(out.samples)
@@ -339,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         # The data is checked first, so a mistyped --data leaves no run directory behind.
         train_loader, test_loader, loader_cfg = build_loaders(cfg, rt)
         run.prepare(asdict(cfg), cfg.resume, cfg.overwrite, rt)
-        state = build_state(cfg, rt, run, train_loader.channels, loader_cfg)
+        # Every rank sizes its schedule alike, so all ranks step with the same lr.
+        steps = distributed.max_over_ranks(min(len(train_loader), cfg.max_batches or 10**9), rt)
+        state = build_state(cfg, rt, run, train_loader.channels, loader_cfg, steps)
         logger = cleanup.enter_context(MetricLogger(run.path / "tb" if rt.is_main else None))
         profiling = cfg.profile == "cprofile" and rt.is_main
         profiler = cleanup.enter_context(cProfile.Profile()) if profiling else None
@@ -355,7 +354,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 train, timer = train_one_epoch(state, train_loader, epoch, cfg, rt, logger, gpu)
                 distributed.sync_buffers(state.model, rt)
                 test, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
-                state.scheduler.step()
                 if not (math.isfinite(train["loss"]) and math.isfinite(test["loss"])):
                     losses = f"train {train['loss']}, test {test['loss']}"
                     where = f"loss is not finite after epoch {epoch + 1} ({losses})"

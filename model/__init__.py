@@ -4,11 +4,12 @@ No file I/O happens in this package: data comes from ``pipeline``, checkpoints a
 written by ``train.py``.
 """
 
-from model.losses import LossConfig, MaskDepthLoss, depth_ssim
+from model.losses import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, depth_ssim
 from model.metrics import MaskDepthMetrics
 from model.unet import RECOMMENDED_MEMORY_FORMAT, UNet, UNetConfig, count_parameters
 
 __all__ = [
+    "LOSS_WEIGHTS",
     "RECOMMENDED_MEMORY_FORMAT",
     "LossConfig",
     "MaskDepthLoss",

@@ -1,4 +1,4 @@
-"""Training loss: weighted mask BCE plus depth (1 - SSIM)."""
+"""Training loss: weighted mask BCE and soft Dice, depth (1 - SSIM) and depth L1."""
 
 from __future__ import annotations
 
@@ -14,22 +14,34 @@ SSIM_WIN_SIZE = 11
 SSIM_WIN_SIGMA = 1.5
 
 
+# The LossConfig fields that weigh a term, in the order the loss adds them.
+LOSS_WEIGHTS = ("mask_weight", "dice_weight", "depth_weight", "depth_l1_weight")
+
+
 @dataclass(frozen=True)
 class LossConfig:
-    """Weights of the two loss terms: ``total = mask_weight * bce + depth_weight * (1 - ssim)``."""
+    """Weights of the loss terms: ``total = mask_weight * bce + dice_weight * (1 - dice)
+    + depth_weight * (1 - ssim) + depth_l1_weight * l1``.
+
+    The defaults are the reference solution's loss, ``2 * bce + (1 - ssim)``.
+    """
 
     mask_weight: float = 2.0
     depth_weight: float = 1.0
+    dice_weight: float = 0.0
+    depth_l1_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mask_weight < 0 or self.depth_weight < 0:
+        weights = {k: getattr(self, k) for k in LOSS_WEIGHTS}
+        negative = {k: v for k, v in weights.items() if v < 0}
+        if negative:
             raise ValueError(
-                f"mask_weight={self.mask_weight} and depth_weight={self.depth_weight} must be "
-                ">= 0: a negative weight would reward the model for getting worse"
+                f"{negative} must be >= 0: a negative weight would reward the model for "
+                "getting worse"
             )
-        if self.mask_weight == 0 and self.depth_weight == 0:
+        if not any(weights.values()):
             raise ValueError(
-                "mask_weight and depth_weight are both 0, so the loss is constant; set at least "
+                f"{', '.join(LOSS_WEIGHTS)} are all 0, so the loss is constant; set at least "
                 "one above 0 (defaults: mask_weight=2.0, depth_weight=1.0)"
             )
 
@@ -75,12 +87,23 @@ def depth_ssim(
         )
 
 
-class MaskDepthLoss(nn.Module):
-    """``mask_weight * BCEWithLogits(mask) + depth_weight * (1 - SSIM(depth))``.
+def soft_dice(mask_logits: torch.Tensor, mask_true: torch.Tensor) -> torch.Tensor:
+    """Soft Dice of ``sigmoid(mask_logits)`` and the target over the whole batch, in [0, 1]."""
+    prob = torch.sigmoid(mask_logits.float())
+    intersection = (prob * mask_true).sum()
+    # +1 on both sides: a batch with no foreground anywhere scores 1 when nothing is predicted.
+    return (2 * intersection + 1) / (prob.sum() + mask_true.sum() + 1)
 
-    ``forward`` returns a dict of scalar tensors: ``loss`` (the total to backpropagate),
-    ``mask_bce`` and ``depth_ssim_loss`` (the unweighted terms, for logging). Move the
-    module to the training device so the SSIM window is not copied there every step.
+
+class MaskDepthLoss(nn.Module):
+    """``mask_weight * BCEWithLogits(mask) + dice_weight * (1 - soft Dice(mask))
+    + depth_weight * (1 - SSIM(depth)) + depth_l1_weight * L1(depth)``.
+
+    ``forward`` returns a dict of scalar tensors: ``loss`` (the total to backpropagate) and
+    the unweighted terms ``mask_bce``, ``mask_dice_loss``, ``depth_ssim_loss`` and
+    ``depth_l1`` for logging; every term is computed even at weight 0 so logs compare across
+    recipes. Move the module to the training device so the SSIM window is not copied there
+    every step.
     """
 
     def __init__(self, cfg: LossConfig | None = None) -> None:
@@ -102,7 +125,22 @@ class MaskDepthLoss(nn.Module):
                 "have the same shape; the target mask must be at the model's mask_size"
             )
         # fp32 so the BCE of confident pixels does not round to 0 under bf16 autocast.
-        mask_bce = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_true.float())
+        mask_true = mask_true.float()
+        mask_bce = F.binary_cross_entropy_with_logits(mask_logits.float(), mask_true)
+        mask_dice_loss = 1.0 - soft_dice(mask_logits, mask_true)
         depth_ssim_loss = 1.0 - depth_ssim(depth_pred, depth_true, win=self.ssim_win)
-        total = self.cfg.mask_weight * mask_bce + self.cfg.depth_weight * depth_ssim_loss
-        return {"loss": total, "mask_bce": mask_bce, "depth_ssim_loss": depth_ssim_loss}
+        depth_l1 = F.l1_loss(depth_pred.float(), depth_true.float())
+        c = self.cfg
+        total = (
+            c.mask_weight * mask_bce
+            + c.dice_weight * mask_dice_loss
+            + c.depth_weight * depth_ssim_loss
+            + c.depth_l1_weight * depth_l1
+        )
+        return {
+            "loss": total,
+            "mask_bce": mask_bce,
+            "mask_dice_loss": mask_dice_loss,
+            "depth_ssim_loss": depth_ssim_loss,
+            "depth_l1": depth_l1,
+        }

@@ -35,6 +35,10 @@ class UNetConfig:
         mask_size: side of the square input and of the mask output.
         depth_size: side of the depth output; ``mask_size / depth_size`` must be a power
             of two and the depth head branches off the decoder at that resolution.
+        diff_input: the stem also sees ``fg_bg - bg`` and ``|fg_bg - bg|`` (4C channels in
+            all). The mask is mostly "where do the two images differ", and a network given
+            only the two images leaves holes where the object's grey matches the background.
+            False (the default, and what checkpoints without the field were) keeps 2C.
         channels_last: keep weights and activations in NHWC; faster on CPU and CUDA.
 
     The size defaults are the dataset's (``sharding.shard_format.GEOMETRY``), as are the
@@ -45,6 +49,7 @@ class UNetConfig:
     widths: tuple[int, ...] = (16, 32, 64, 128, 256)
     mask_size: int = GEOMETRY.image_size
     depth_size: int = GEOMETRY.depth_size
+    diff_input: bool = False
     channels_last: bool = True
 
     @classmethod
@@ -95,6 +100,11 @@ class UNetConfig:
     def input_channels(self) -> int:
         """Channels of the network input: bg and fg_bg concatenated."""
         return 2 * self.in_channels
+
+    @property
+    def stem_channels(self) -> int:
+        """Channels the stem convolves: the input, plus its difference maps with ``diff_input``."""
+        return 2 * self.input_channels if self.diff_input else self.input_channels
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -188,7 +198,7 @@ class UNet(nn.Module):
         self.cfg = cfg if cfg is not None else UNetConfig()
         widths = self.cfg.widths
         self.encoder = nn.ModuleList(
-            [Stem(self.cfg.input_channels, widths[0])]
+            [Stem(self.cfg.stem_channels, widths[0])]
             + [Down(widths[i - 1], widths[i]) for i in range(1, len(widths))]
         )
         # decoder[i] produces level i from level i + 1; the deepest level needs none.
@@ -216,6 +226,10 @@ class UNet(nn.Module):
         # No-op when the caller already sends NHWC; otherwise one copy beats running every
         # conv in the slower layout.
         x = x.contiguous(memory_format=self.cfg.memory_format)
+        if self.cfg.diff_input:
+            bg, fg_bg = x.chunk(2, dim=1)
+            diff = fg_bg - bg
+            x = torch.cat([x, diff, diff.abs()], dim=1)  # (B, 4C, H, W)
         skips = []
         for stage in self.encoder:
             x = stage(x)

@@ -82,6 +82,25 @@ def test_every_parameter_gets_a_gradient():
     assert not zero, f"all-zero gradient for {zero}"
 
 
+def test_diff_input_feeds_the_difference_and_keeps_the_interface():
+    torch.manual_seed(0)
+    cfg = UNetConfig(in_channels=1, widths=(4, 8, 16), diff_input=True)
+    model = UNet(cfg).eval()
+    assert cfg.input_channels == 2 and cfg.stem_channels == 4
+    stem = model.encoder[0][0]
+    assert stem.in_channels == 4
+    x = random_inputs(cfg, batch=2)
+    seen = {}
+    stem.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
+    mask_logits, depth = model(x)
+    assert mask_logits.shape == (2, 1, 160, 160) and depth.shape == (2, 1, 80, 80)
+    bg, fg_bg = x[:, :1], x[:, 1:]
+    expected = torch.cat([bg, fg_bg, fg_bg - bg, (fg_bg - bg).abs()], dim=1)
+    torch.testing.assert_close(seen["x"], expected)
+    # Old checkpoints have no diff_input field: they load as the 2C-input model.
+    assert UNetConfig().diff_input is False
+
+
 def test_parameter_budget():
     model = UNet(UNetConfig(in_channels=3))
     params = count_parameters(model)
@@ -185,15 +204,34 @@ def test_loss_terms_and_weights():
     depth_pred = torch.rand(3, 1, 80, 80)
     depth_true = torch.rand(3, 1, 80, 80)
     losses = MaskDepthLoss(LossConfig())(mask_logits, depth_pred, mask, depth_true)
-    assert set(losses) == {"loss", "mask_bce", "depth_ssim_loss"}
+    assert set(losses) == {"loss", "mask_bce", "mask_dice_loss", "depth_ssim_loss", "depth_l1"}
     bce = F.binary_cross_entropy_with_logits(mask_logits, mask)
     ssim_loss = 1 - ssim(depth_pred, depth_true, data_range=1.0)
+    prob = torch.sigmoid(mask_logits)
+    dice_loss = 1 - (2 * (prob * mask).sum() + 1) / (prob.sum() + mask.sum() + 1)
+    l1 = (depth_pred - depth_true).abs().mean()
     torch.testing.assert_close(losses["mask_bce"], bce)
     torch.testing.assert_close(losses["depth_ssim_loss"], ssim_loss)
+    torch.testing.assert_close(losses["mask_dice_loss"], dice_loss)
+    torch.testing.assert_close(losses["depth_l1"], l1)
+    # The defaults are the reference loss: the Dice and L1 terms are logged, not added.
     torch.testing.assert_close(losses["loss"], 2 * bce + ssim_loss)
     depth_only = MaskDepthLoss(LossConfig(mask_weight=0.0, depth_weight=3.0))
     total = depth_only(mask_logits, depth_pred, mask, depth_true)["loss"]
     torch.testing.assert_close(total, 3 * ssim_loss)
+    every = LossConfig(mask_weight=1.0, dice_weight=2.0, depth_weight=3.0, depth_l1_weight=4.0)
+    total = MaskDepthLoss(every)(mask_logits, depth_pred, mask, depth_true)["loss"]
+    torch.testing.assert_close(total, bce + 2 * dice_loss + 3 * ssim_loss + 4 * l1)
+
+
+def test_dice_loss_is_zero_for_a_confident_perfect_mask():
+    mask = torch.zeros(2, 1, 160, 160)
+    mask[:, :, 40:90, 50:100] = 1
+    logits = mask * 60 - 30
+    losses = MaskDepthLoss()(logits, torch.zeros(2, 1, 80, 80), mask, torch.zeros(2, 1, 80, 80))
+    assert losses["mask_dice_loss"] < 1e-6
+    wrong = MaskDepthLoss()(-logits, torch.zeros(2, 1, 80, 80), mask, torch.zeros(2, 1, 80, 80))
+    assert wrong["mask_dice_loss"] > 0.99
 
 
 def test_loss_of_a_perfect_depth_is_zero():
@@ -224,7 +262,11 @@ def test_loss_rejects_mismatched_shapes():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"mask_weight": -1.0}, "must be >= 0"), ({"mask_weight": 0, "depth_weight": 0}, "both 0")],
+    [
+        ({"mask_weight": -1.0}, "must be >= 0"),
+        ({"dice_weight": -0.5}, "dice_weight.*must be >= 0"),
+        ({"mask_weight": 0, "depth_weight": 0}, "all 0"),
+    ],
 )
 def test_loss_config_rejects_bad_weights(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -196,6 +196,12 @@ def check_compatible(
             f"checkpoint {path} has widths {tuple(saved.get('widths', ()))} but this run "
             f"builds {unet_cfg.widths}; pass --widths {','.join(map(str, saved.get('widths', ())))}"
         )
+    if saved.get("diff_input", False) != unet_cfg.diff_input:
+        flag = "--diff-input" if saved.get("diff_input", False) else "--no-diff-input"
+        raise TrainError(
+            f"checkpoint {path} has diff_input={saved.get('diff_input', False)} but this run "
+            f"builds diff_input={unet_cfg.diff_input}; pass {flag}"
+        )
     if config is None:
         return
     ours, theirs = plain(config), state.get("config", {})

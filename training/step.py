@@ -19,7 +19,7 @@ from model import UNet
 from training.distributed import Runtime
 
 # What MaskDepthLoss returns, in the order the logs and metrics.json show them.
-LOSS_PARTS = ("loss", "mask_bce", "depth_ssim_loss")
+LOSS_PARTS = ("loss", "mask_bce", "mask_dice_loss", "depth_ssim_loss", "depth_l1")
 
 
 @dataclass

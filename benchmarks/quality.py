@@ -1,0 +1,200 @@
+"""Test-set quality of the default recipe on a realistic set built from real photos.
+
+Usage: ``python -m benchmarks.quality [--assets DIR] [--json P] [--seed N] [-- TRAIN_ARGS...]``
+
+Builds a grey dataset deterministically from ``--seed`` with ``sharding.synth --assets``
+(100 real office backgrounds, 9 real cut-outs, 1 placement: 1,200 train and 600 test
+samples; the test split's 3 foregrounds are never seen in training), trains train.py's
+default recipe on it (4 epochs, batch 16, on the CPU unless ``-- --device`` says otherwise)
+and prints the test metrics next to a no-learning floor: a pixel is foreground where
+``|fg_bg - bg|`` exceeds 12 grey levels. Arguments after ``--`` go to train.py and override
+the benchmark's, e.g. ``-- --recipe reference`` for the reference recipe on the same data.
+
+Without the assets (``../shared/eva-assets`` beside the repository, or ``--assets``) it
+stops with one line on stderr and exit code 1, as the project's CLIs do for missing data.
+Goals: test IoU >= 0.90 and depth SSIM >= 0.93 within 750K parameters, far above the floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.train_throughput import machine
+from model import MaskDepthMetrics, UNet, UNetConfig, count_parameters
+from pipeline import LoaderConfig, LoaderError, build_loader
+from sharding.atomic import write_json
+from sharding.build import ShardConfig, build
+from sharding.synth import SynthConfig, SynthError, generate
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ASSETS = ROOT.parent / "shared" / "eva-assets"
+# The no-learning floor: grey levels (0-255) by which fg_bg must differ from bg.
+PIXEL_DIFF_THRESHOLD = 12
+GOALS = {"iou": 0.90, "depth_ssim": 0.93, "params": 750_000}
+
+
+class QualityError(Exception):
+    """Missing assets or a failed step; the message says which and what to do."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options; everything after ``--`` is kept for train.py."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    train_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--assets", default=str(DEFAULT_ASSETS), help="DIR with bg/*.jpg, fg/*.png")
+    p.add_argument("--json", help="also write the results here (atomically)")
+    p.add_argument("--work", help="keep zips, shards and the run here (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=0, help="dataset and training seed")
+    p.add_argument("--backgrounds", type=int, default=100, help="backgrounds per foreground")
+    p.add_argument("--foregrounds", type=int, default=9, help="3 per batch; batch 3 is test")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    args = p.parse_args(argv)
+    args.train_args = train_args
+    return args
+
+
+def build_dataset(args: argparse.Namespace, work: Path) -> Path:
+    """Zips in the EVA layout from the real assets, then shards; returns the shard dir."""
+    if not (Path(args.assets) / "bg").is_dir():
+        raise QualityError(
+            f"no assets at {args.assets} (bg/*.jpg, fg/*.png); pass --assets DIR, e.g. a copy "
+            "of shared/eva-assets"
+        )
+    synth = SynthConfig(
+        out=str(work / "zips"),
+        batches=3,
+        backgrounds=args.backgrounds,
+        foregrounds=args.foregrounds,
+        placements=1,
+        seed=args.seed,
+        assets=args.assets,
+    )
+    try:
+        zips = generate(synth, progress=False)
+    except SynthError as e:
+        raise QualityError(str(e)) from e
+    shards = work / "shards"
+    shard_cfg = ShardConfig(zips=tuple(map(str, zips)), out=str(shards), overwrite=True)
+    build(shard_cfg, progress=False)
+    return shards
+
+
+def pixel_difference_floor(shards: Path) -> dict[str, float]:
+    """Mask IoU and Dice on the test split of ``|fg_bg - bg| > PIXEL_DIFF_THRESHOLD``."""
+    cfg = LoaderConfig(backend="torch", device="cpu", batch_size=64, augment=False)
+    loader = build_loader(shards, "test", cfg)
+    metrics = MaskDepthMetrics()
+    for batch in loader.epoch(0):
+        # Undo the loader's (x / 255 - mean) / std to compare in grey levels.
+        diff = (batch["fg_bg"] - batch["bg"]).abs() * cfg.std * 255
+        changed = diff.amax(dim=1, keepdim=True) > PIXEL_DIFF_THRESHOLD  # (B, 1, H, W)
+        logits = changed.float() * 20 - 10  # sigmoid: ~1 where changed, ~0 elsewhere
+        depth = batch["depth"].float()
+        metrics.update(logits, depth, batch["mask"].float(), depth)
+    result = metrics.compute()
+    return {"iou": result["iou"], "dice": result["dice"], "samples": result["samples"]}
+
+
+def train(args: argparse.Namespace, shards: Path, work: Path) -> tuple[dict[str, Any], float]:
+    """Run train.py's default recipe; returns its metrics.json and the wall seconds."""
+    script = ROOT / "train.py"
+    if not script.is_file():
+        raise QualityError(f"{script} not found: run the benchmark from a repository checkout")
+    run = work / "run"
+    cmd = [sys.executable, str(script), "--data", str(shards), "--out", str(run), "--overwrite"]
+    cmd += ["--device", "cpu", "--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+    cmd += ["--seed", str(args.seed), *args.train_args]
+    print("+", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    if subprocess.run(cmd, cwd=ROOT).returncode != 0:
+        raise QualityError("train.py failed; its error is above")
+    return json.loads((run / "metrics.json").read_text()), time.perf_counter() - start
+
+
+def parameters(run: Path) -> int:
+    """Parameters of the model the run trained, from its last checkpoint's model_config."""
+    saved = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    model_cfg = saved["model_config"]
+    return count_parameters(UNet(UNetConfig(**{**model_cfg, "widths": tuple(model_cfg["widths"])})))
+
+
+def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Dataset, floor, training; the JSON payload."""
+    load_before = os.getloadavg()[0]
+    shards = build_dataset(args, work)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    floor = pixel_difference_floor(shards)
+    metrics, train_s = train(args, shards, work)
+    test = metrics["test"]
+    params = parameters(work / "run")
+    met = {
+        "iou": test["iou"] >= GOALS["iou"],
+        "depth_ssim": test["depth_ssim"] >= GOALS["depth_ssim"],
+        "params": params <= GOALS["params"],
+    }
+    return {
+        "machine": {**machine(torch.device("cpu")), "load_1min": [load_before, os.getloadavg()[0]]},
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "samples": {split: manifest["splits"][split]["samples"] for split in ("train", "test")},
+        "test": {k: test[k] for k in ("iou", "dice", "depth_ssim", "depth_rmse", "depth_mae")},
+        "pixel_difference_floor": floor,
+        "params": params,
+        "train_wall_s": train_s,
+        "goals": GOALS,
+        "goals_met": met,
+    }
+
+
+def print_report(payload: dict[str, Any]) -> None:
+    """The figures a reader compares with README.md and benchmarks/RESULTS.md."""
+    test, floor = payload["test"], payload["pixel_difference_floor"]
+    print(f"\ntest ({floor['samples']} samples, foregrounds unseen in training):")
+    print(f"  IoU {test['iou']:.3f}  Dice {test['dice']:.3f}  depth SSIM {test['depth_ssim']:.3f}")
+    print(f"  depth RMSE {test['depth_rmse']:.3f}  MAE {test['depth_mae']:.3f}")
+    thr = PIXEL_DIFF_THRESHOLD
+    print(f"pixel-difference floor (|fg_bg - bg| > {thr}): IoU {floor['iou']:.3f}")
+    print(f"params {payload['params']:,}; training {payload['train_wall_s']:.0f} s wall")
+    goals = ", ".join(f"{k} {'met' if v else 'MISSED'}" for k, v in payload["goals_met"].items())
+    print(f"goals (IoU >= 0.90, SSIM >= 0.93, <= 750K params): {goals}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build, measure, print; 1 with one line on stderr when assets or a step are missing."""
+    args = parse_args(argv)
+    try:
+        if args.work:
+            work = Path(args.work)
+            work.mkdir(parents=True, exist_ok=True)
+            payload = run_benchmark(args, work)
+        else:
+            with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
+                payload = run_benchmark(args, Path(tmp))
+    except (QualityError, LoaderError) as e:
+        print(f"benchmarks.quality: error: {e}", file=sys.stderr)
+        return 1
+    print_report(payload)
+    if args.json:
+        write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

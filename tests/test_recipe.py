@@ -1,0 +1,86 @@
+"""Training recipes: what each preset resolves to, overrides, and the per-step schedules."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import train
+from model import UNetConfig
+from training.checkpoint import check_compatible
+from training.errors import TrainError
+from training.recipe import RECIPES, LrSchedule, build_optimizer
+
+
+def test_reference_recipe_is_the_reference_solution():
+    cfg = train.parse_args(["--data", "d", "--recipe", "reference"])
+    assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.schedule) == ("sgd", 0.01, 0.9, "step")
+    assert (cfg.lr_step, cfg.lr_gamma) == (2, 0.1)
+    assert (cfg.mask_weight, cfg.depth_weight, cfg.dice_weight, cfg.depth_l1_weight) == (
+        2.0,
+        1.0,
+        0.0,
+        0.0,
+    )
+    assert cfg.diff_input is False
+
+
+def test_default_recipe_fills_the_config_and_flags_override():
+    cfg = train.parse_args(["--data", "d"])
+    assert cfg.recipe == "default"
+    assert {k: getattr(cfg, k) for k in RECIPES["default"]} == RECIPES["default"]
+    # The dataclass defaults are the default recipe, so TrainConfig() and the CLI agree.
+    assert cfg == train.TrainConfig(data="d")
+    cfg = train.parse_args(["--data", "d", "--recipe", "reference", "--lr", "0.5", "--diff-input"])
+    assert (cfg.optimizer, cfg.lr, cfg.diff_input) == ("sgd", 0.5, True)
+
+
+def test_cosine_warms_up_then_decays_to_zero():
+    schedule = LrSchedule("cosine", total_steps=100, warmup_steps=10, steps_per_epoch=25,
+                          lr_step=2, lr_gamma=0.1)  # fmt: skip
+    factors = [schedule(step) for step in range(101)]
+    assert factors[0] < 0.1
+    assert all(a < b for a, b in itertools.pairwise(factors[:11]))  # warm-up rises
+    assert factors[10] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[10:]))  # then never rises
+    assert factors[55] == pytest.approx(0.5)
+    assert factors[100] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_step_schedule_matches_torchvision_steplr_per_epoch():
+    schedule = LrSchedule("step", total_steps=60, warmup_steps=0, steps_per_epoch=10,
+                          lr_step=2, lr_gamma=0.1)  # fmt: skip
+    per_epoch = [schedule(epoch * 10 + 5) for epoch in range(6)]
+    assert per_epoch == pytest.approx([1, 1, 0.1, 0.1, 0.01, 0.01])
+
+
+def test_schedule_spans_the_runs_steps_and_round_trips_a_checkpoint():
+    cfg = train.TrainConfig(data="d", epochs=3)
+    model = nn.Linear(2, 1)
+    optimizer, scheduler = build_optimizer(cfg, model, steps_per_epoch=7)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lrs = []
+    for _ in range(21):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) == pytest.approx(cfg.lr, rel=0.05)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    # A resumed run rebuilds the schedule and loads its state: the same lr at the same step.
+    saved = scheduler.state_dict()
+    _, scheduler2 = build_optimizer(cfg, nn.Linear(2, 1), steps_per_epoch=7)
+    scheduler2.load_state_dict(saved)
+    assert scheduler2.last_epoch == 21
+    assert scheduler2.get_last_lr() == scheduler.get_last_lr()
+
+
+def test_checkpoint_with_other_diff_input_is_refused():
+    saved = {"model_config": {"in_channels": 1, "widths": [4, 8, 16]}}  # an old checkpoint
+    check_compatible(saved, Path("old.pt"), UNetConfig(in_channels=1, widths=(4, 8, 16)))
+    new = UNetConfig(in_channels=1, widths=(4, 8, 16), diff_input=True)
+    with pytest.raises(TrainError, match=r"diff_input=False.*pass --no-diff-input"):
+        check_compatible(saved, Path("old.pt"), new)

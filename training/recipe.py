@@ -1,0 +1,151 @@
+"""Training recipes: the optimizer, learning-rate schedule and loss weights, as named presets.
+
+``default`` is AdamW with a linear warm-up and a cosine decay sized from the run's total
+steps (steps per epoch x epochs), so the same settings suit a few hundred samples and the
+full 400,000: a small set gets a short warm-up and decays within its few steps, a large one
+spreads both over its many. ``reference`` is the reference solution's recipe exactly: SGD
+lr 0.01 momentum 0.9, StepLR(2 epochs, 0.1), loss ``2 * BCE + (1 - SSIM)``. The measurements
+that chose the default are in README.md and benchmarks/RESULTS.md.
+
+Every recipe field is also a train.py option; an explicit option overrides the recipe's value.
+The schedule is stepped once per optimizer step, so a resumed run continues it exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.options import positive_int
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step")
+
+# What each recipe sets; train.py options left unset take these values.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": dict(
+        optimizer="adamw",
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup=0.05,
+        lr_step=2,
+        lr_gamma=0.1,
+        mask_weight=4.0,
+        dice_weight=0.0,  # measured: +0.001 IoU, -0.013 depth SSIM (benchmarks/RESULTS.md)
+        depth_weight=1.0,
+        depth_l1_weight=0.0,  # measured: -0.005 IoU, -0.005 depth SSIM (benchmarks/RESULTS.md)
+        diff_input=True,
+    ),
+    "reference": dict(
+        optimizer="sgd",
+        lr=0.01,
+        momentum=0.9,
+        weight_decay=1e-5,
+        schedule="step",
+        warmup=0.0,
+        lr_step=2,
+        lr_gamma=0.1,
+        mask_weight=2.0,
+        dice_weight=0.0,
+        depth_weight=1.0,
+        depth_l1_weight=0.0,
+        diff_input=False,
+    ),
+}
+
+
+def fraction(text: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1): a share of all steps")
+    return value
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The "Optimisation" option group; each option left out takes the ``--recipe``'s value."""
+    values = "; ".join(
+        f"{name}: " + ", ".join(f"{k}={v}" for k, v in preset.items())
+        for name, preset in RECIPES.items()
+    )
+    g = parser.add_argument_group(
+        "Optimisation", f"Options left out take the --recipe's value. {values}."
+    )
+    g.add_argument("--recipe", choices=tuple(RECIPES), default="default", help="preset")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw: decoupled weight decay")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--momentum", type=float, help="SGD only")
+    g.add_argument("--weight-decay", type=float, help="L2 penalty (adamw: decoupled)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="cosine: warm-up, cosine to 0; step")
+    g.add_argument("--warmup", type=fraction, help="cosine: share of all steps warming up")
+    g.add_argument("--lr-step", type=positive_int, help="step: epochs between decays")
+    g.add_argument("--lr-gamma", type=float, help="step: decay factor")
+    g.add_argument("--mask-weight", type=float, help="weight of mask BCE")
+    g.add_argument("--dice-weight", type=float, help="weight of mask (1 - soft Dice)")
+    g.add_argument("--depth-weight", type=float, help="weight of depth (1 - SSIM)")
+    g.add_argument("--depth-l1-weight", type=float, help="weight of depth L1")
+
+
+def resolve(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` with each recipe field left as None replaced by ``args["recipe"]``'s value."""
+    preset = RECIPES[args["recipe"]]
+    return {**args, **{k: v for k, v in preset.items() if args.get(k) is None}}
+
+
+@dataclass
+class LrSchedule:
+    """The learning-rate factor at an optimizer step, for ``torch.optim.lr_scheduler.LambdaLR``.
+
+    A callable object, not a closure, so LambdaLR stores its fields in the checkpoint.
+    ``cosine``: linear warm-up from ~0 over ``warmup_steps``, then cosine to 0 at
+    ``total_steps``. ``step``: ``lr_gamma ** (epoch // lr_step)``, torchvision's StepLR.
+    """
+
+    kind: str
+    total_steps: int
+    warmup_steps: int
+    steps_per_epoch: int
+    lr_step: int
+    lr_gamma: float
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "step":
+            return self.lr_gamma ** (step // (self.lr_step * self.steps_per_epoch))
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    cfg: Any, model: nn.Module, steps_per_epoch: int = 1
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """The optimizer ``cfg`` (a TrainConfig) names, and its schedule stepped per optimizer step.
+
+    ``steps_per_epoch`` sizes the schedule: cosine spans ``steps_per_epoch * cfg.epochs``.
+    """
+    params, decay = model.parameters(), cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=decay)
+    elif cfg.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay)
+    total = steps_per_epoch * cfg.epochs
+    schedule = LrSchedule(
+        kind=cfg.schedule,
+        total_steps=total,
+        warmup_steps=round(cfg.warmup * total),
+        steps_per_epoch=steps_per_epoch,
+        lr_step=cfg.lr_step,
+        lr_gamma=cfg.lr_gamma,
+    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
