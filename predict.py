@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from model import UNet, UNetConfig
 from pipeline import LoaderConfig, denormalize
+from pipeline.grid import compose, save_png, to_pil
 from pipeline.preprocess import decode, image_mode, normalize
 from sharding.layout import classify
-from training import figures
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.distributed import DEVICES, DeviceError, resolve_device
 
@@ -143,21 +143,20 @@ def write_outputs(
     loader_cfg: LoaderConfig,
 ) -> None:
     """Mask and depth PNGs at the model's sizes and the side-by-side figure."""
-    Image.fromarray((mask[0].numpy() * 255).astype(np.uint8), mode="L").save(
-        out / f"{stem}_mask.png"
-    )
+    mask_u8 = (mask[0].numpy() * 255).astype(np.uint8)
+    save_png(Image.fromarray(mask_u8, mode="L"), out / f"{stem}_mask.png")
     depth_u8 = (depth[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(depth_u8, mode="L").save(out / f"{stem}_depth.png")
+    save_png(Image.fromarray(depth_u8, mode="L"), out / f"{stem}_depth.png")
     size = bg.shape[-1]
     up = F.interpolate(depth[None], size=size, mode="bilinear", align_corners=False)[0]
     cells = [
-        figures.to_pil(denormalize(bg, loader_cfg)),
-        figures.to_pil(denormalize(fg_bg, loader_cfg)),
-        figures.to_pil(mask),
-        figures.to_pil(up),
+        to_pil(denormalize(bg, loader_cfg)),
+        to_pil(denormalize(fg_bg, loader_cfg)),
+        to_pil(mask),
+        to_pil(up),
     ]
     headers = ("bg", "fg_bg", "mask (pred)", "depth (pred)")
-    figures.compose([cells], headers).save(out / f"{stem}_figure.png")
+    save_png(compose([cells], headers), out / f"{stem}_figure.png")
 
 
 @torch.no_grad()

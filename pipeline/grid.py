@@ -1,14 +1,19 @@
 """The one grid renderer: tiles of equal-sized images with column headers and captions.
 
 ``pipeline.preview`` draws what the loader feeds the model with it; ``training.figures``
-draws the TensorBoard grid, results.png and predict.py's figures with it.
+draws the TensorBoard grid, results.png and predict.py's figures with it, and
+:func:`save_png` writes each of them atomically.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from sharding.atomic import atomic_path
 
 HEADER_PX = 16
 CAPTION_PX = 14
@@ -47,3 +52,9 @@ def compose(
             if captions and captions[r][c]:
                 draw.text((left, top + cell_h + 1), captions[r][c], fill="black")
     return canvas
+
+
+def save_png(image: Image.Image, path: str | Path) -> None:
+    """Write ``image`` as a PNG atomically: no half-written file under ``path`` on a crash."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -21,8 +21,7 @@ from PIL import Image
 
 from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
 from pipeline.config import AUGMENT_IN
-from pipeline.grid import compose, to_pil
-from sharding.atomic import atomic_path
+from pipeline.grid import compose, save_png, to_pil
 
 COLUMNS = ("bg", "fg_bg", "mask", "depth")
 
@@ -94,8 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        with atomic_path(args.out) as tmp:
-            render_grid(batch, cfg, args.n).save(tmp, format="PNG")
+        save_png(render_grid(batch, cfg, args.n), args.out)
     except OSError as exc:
         print(f"error: {args.out}: cannot write ({exc.strerror or exc})", file=sys.stderr)
         return 1

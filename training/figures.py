@@ -1,7 +1,7 @@
 """Figures of predictions: the per-epoch TensorBoard grid, results.png, predict figures.
 
-The grid itself is drawn by :mod:`pipeline.grid` (re-exported here as ``compose`` and
-``to_pil``); this module lays out the columns of a prediction figure.
+The grid itself is drawn by :mod:`pipeline.grid`; this module lays out the columns of a
+prediction figure.
 """
 
 from __future__ import annotations
@@ -15,18 +15,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipeline import LoaderConfig, denormalize
-from pipeline.grid import compose, to_pil
-from sharding.atomic import atomic_path
+from pipeline.grid import compose, save_png, to_pil
 
 COLUMNS = ("bg", "fg_bg", "mask (true)", "mask (pred)", "depth (true)", "depth (pred)")
 __all__ = [
     "COLUMNS",
-    "compose",
     "pil_to_tensor",
     "preview_grid",
     "preview_samples",
     "sample_rows",
-    "to_pil",
     "write_results_figure",
 ]
 
@@ -81,5 +78,4 @@ def preview_grid(shown: dict, loader_cfg: LoaderConfig, captions: bool = False) 
 
 def write_results_figure(path: Path, shown: dict, loader_cfg: LoaderConfig) -> None:
     """results.png: per test sample the inputs, true and predicted mask (with IoU) and depth."""
-    with atomic_path(path) as tmp:
-        preview_grid(shown, loader_cfg, captions=True).save(tmp, format="PNG")
+    save_png(preview_grid(shown, loader_cfg, captions=True), path)
