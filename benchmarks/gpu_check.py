@@ -208,25 +208,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--samples", type=int, default=20_000, help="about this many samples")
     p.add_argument("--quick", action="store_true", help="fewer timed batches")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier gpu-check's files in --out"
+    )
     return p.parse_args(argv)
+
+
+def earlier_outputs(out: Path) -> list[Path]:
+    """What an earlier gpu-check left in ``out``; ``--overwrite`` removes these and no more."""
+    names = {"synth", "build", *(name for name, _, _ in steps(out, out, "", False))}
+    own = {f"{name}.log" for name in names}
+    own |= {"summary.json", "loaders.json", "model_step.json", "train_throughput.json"}
+    own |= {"run", "work"}
+    return sorted(p for p in out.iterdir() if p.name in own) if out.is_dir() else []
+
+
+def remove(paths: list[Path]) -> None:
+    for path in paths:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         versions = require_gpu_stack()
-        if args.out.exists() and any(args.out.iterdir()) and not args.overwrite:
-            raise GpuCheckError(f"{args.out} is not empty; pass --overwrite or another --out")
+        earlier = earlier_outputs(args.out)
+        if earlier and not args.overwrite:
+            raise GpuCheckError(
+                f"{args.out} is not empty: it holds an earlier gpu-check; pass --overwrite "
+                "or another --out"
+            )
     except GpuCheckError as e:
         print(f"gpu-check: error: {e}", file=sys.stderr)
         return 1
-    if args.overwrite:
-        shutil.rmtree(args.out, ignore_errors=True)
+    remove(earlier)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve()
     work = (args.work or out / "work").resolve()
-    shutil.rmtree(work, ignore_errors=True)  # the dataset is regenerated on every run
+    # The dataset is regenerated on every run; only the folders made for it are replaced.
+    remove([path for path in (work / "zips", work / "shards") if path.exists()])
     py = sys.executable
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # 16 batches (15 train, 1 test), 2 foregrounds each, 2 flips: 64 samples per background

@@ -75,3 +75,16 @@ def test_gpu_check_runs_every_step_and_summarises(monkeypatch, tmp_path):
     manifest = json.loads((out / "work" / "shards" / "manifest.json").read_text())
     assert 100 <= sum(split["samples"] for split in manifest["splits"].values()) <= 200
     assert (out / "ok.log").read_text().strip() == "fine"
+
+
+def test_overwrite_replaces_only_what_gpu_check_wrote(monkeypatch, tmp_path):
+    monkeypatch.setattr(gpu_check, "require_gpu_stack", lambda: {"gpu": "stand-in"})
+    ok = [sys.executable, "-c", "print('fine')"]
+    monkeypatch.setattr(gpu_check, "steps", lambda out, data, py, quick: [("ok", ok, 30)])
+    out = tmp_path / "gpu-check"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")  # an earlier run's
+    (out / "notes.txt").write_text("the user's file")
+    assert gpu_check.main(["--out", str(out), "--samples", "64", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "the user's file"
+    assert json.loads((out / "summary.json").read_text())["steps"]["ok"]["rc"] == 0
