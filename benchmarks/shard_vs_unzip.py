@@ -7,8 +7,8 @@ page cache warmed by one read of the zips first so neither pays for the first di
 The build produces validated, shuffled, indexed shards; unzip produces only loose files.
 
 The zips' member compression changes both sides (the build reads stored members straight from
-a memory map and inflates deflated ones), so the JSON records it. The original dataset's zips
-are stored; `zip` and most tools write deflated ones. Make either kind with
+a memory map and inflates deflated ones), so the JSON records it. sharding.synth writes stored
+zips by default; `zip` and most tools write deflated ones. Make deflated zips with
 
     python -m sharding.synth --out data/zips-deflated --compression deflated
 """

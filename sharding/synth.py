@@ -30,8 +30,8 @@ from sharding.shard_format import GEOMETRY
 
 # A fixed timestamp keeps zips byte-identical between runs with the same seed.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
-# Member compression: stored is what the original dataset's zips use and what the build reads
-# fastest; deflated is what `zip` and most tools write.
+# Member compression: stored members are what the build reads fastest (in place, from a memory
+# map); deflated is what `zip` and most tools write.
 COMPRESSION = {"stored": zipfile.ZIP_STORED, "deflated": zipfile.ZIP_DEFLATED}
 # What a run writes in --out, and so all that --overwrite removes.
 _BATCH_ZIP = re.compile(r"batch\d+_images\.zip")
@@ -181,15 +181,24 @@ def asset_plan(cfg: SynthConfig, n_bg: int, n_fg: int) -> tuple[list[int], list[
     return bg_plan, fg_plan
 
 
+def _open(path: Path, mode: str) -> Image.Image:
+    """An asset image, decoded in full, or ``SynthError`` naming the file."""
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, ValueError) as e:  # not an image, truncated, unreadable
+        raise SynthError(f"{path}: not a readable image ({e})") from None
+
+
 def _load_assets(assets: Path, cfg: SynthConfig) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Real backgrounds (``bg/*.jpg``) and RGBA cut-outs (``fg/*.png``), as ``asset_plan`` says."""
     bg_files, fg_files = _asset_files(assets)
     bg_plan, fg_plan = asset_plan(cfg, len(bg_files), len(fg_files))
     size = cfg.image_size
-    bgs = [np.asarray(Image.open(bg_files[i]).convert("RGB").resize((size, size))) for i in bg_plan]
+    bgs = [np.asarray(_open(bg_files[i], "RGB").resize((size, size))) for i in bg_plan]
     fgs = []
     for i in fg_plan:
-        fg = Image.open(fg_files[i]).convert("RGBA")
+        fg = _open(fg_files[i], "RGBA")
         # The original recipe resized cut-outs small before pasting: longer side ~ half the frame.
         scale = (size * 0.5) / max(fg.size)
         fg = fg.resize((max(1, round(fg.width * scale)), max(1, round(fg.height * scale))))
@@ -357,8 +366,7 @@ def generate(cfg: SynthConfig, progress: bool = True) -> list[Path]:
     """
     cfg.validate()
     if cfg.assets:
-        bg_files, fg_files = _asset_files(Path(cfg.assets))  # fail before creating anything
-        asset_plan(cfg, len(bg_files), len(fg_files))
+        _load_assets(Path(cfg.assets), cfg)  # every asset problem shows before --out is touched
     out = prepare_out(cfg)
     counter = multiprocessing.Value("q", 0)
     bar = tqdm(
@@ -369,7 +377,8 @@ def generate(cfg: SynthConfig, progress: bool = True) -> list[Path]:
     )
     pool = None
     try:
-        pool = multiprocessing.Pool(cfg.workers, initializer=_init_worker, initargs=(counter,))
+        workers = min(cfg.workers, cfg.batches)
+        pool = multiprocessing.Pool(workers, initializer=_init_worker, initargs=(counter,))
         pending = [pool.apply_async(_write_batch, (cfg, k)) for k in range(1, cfg.batches + 1)]
         while not all(r.ready() for r in pending):
             for r in pending:
@@ -428,8 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compression",
         choices=sorted(COMPRESSION),
         default="stored",
-        help="zip member compression: stored, as the original dataset; deflated, as `zip` "
-        "and most tools write",
+        help="zip member compression: stored (none; the build reads such members in place) "
+        "or deflated (what `zip` and most tools write)",
     )
     p.add_argument("--workers", type=int, default=1, help="batches written in parallel")
     p.add_argument(

@@ -293,6 +293,18 @@ def test_more_assets_than_the_folder_holds_is_refused(tmp_path, option, value, f
     assert snapshot(tmp_path) == before
 
 
+def test_an_unreadable_asset_is_named_before_out_is_touched(tmp_path):
+    assets = fake_assets(tmp_path / "assets", backgrounds=2, foregrounds=2)
+    broken = assets / "fg" / "fg001.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # truncated
+    out = tmp_path / "zips"
+    generate(SynthConfig(out=str(out), **SMALL), progress=False)
+    before = snapshot(tmp_path)
+    result = synth_cli("--assets", str(assets), "--out", str(out), "--overwrite", *small_args())
+    assert_one_line(result, 1, f"error: {broken}: not a readable image")
+    assert snapshot(tmp_path) == before  # the earlier zips survive the refused --overwrite
+
+
 def test_reused_assets_never_show_a_test_object_in_training(tmp_path):
     assets = fake_assets(tmp_path / "assets", backgrounds=2, foregrounds=4)
     out = tmp_path / "zips"
