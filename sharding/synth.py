@@ -10,14 +10,17 @@ last batch's foregrounds are never seen in training. Output is deterministic for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import itertools
 import multiprocessing
 import re
 import signal
 import sys
+import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -390,15 +393,30 @@ def generate(cfg: SynthConfig, progress: bool = True) -> list[Path]:
         bar.update(bar.total - bar.n)
         pool.close()
     except BaseException:
-        if pool is not None:
-            pool.terminate()  # stop mid-batch: nothing may be completed after Ctrl-C or an error
+        with _no_second_interrupt():
+            if pool is not None:
+                pool.terminate()  # stop mid-batch: nothing is completed after Ctrl-C or an error
+                pool.join()
+            _remove_temporaries(out)
         raise
     finally:
-        if pool is not None:
-            pool.join()
         bar.close()
-        _remove_temporaries(out)
+    pool.join()
     return paths
+
+
+@contextlib.contextmanager
+def _no_second_interrupt() -> Iterator[None]:
+    """Hold off a second Ctrl-C (or kill) while the first is cleaned up (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
