@@ -49,7 +49,7 @@ install-check:
 # (README, "Headline figures").
 demo: $(STAMP)
 	$(PY) -m sharding.synth --out $(DEMO)/zips --batches 2 --backgrounds 20 --foregrounds 8 \
-		--placements 4 --seed 0
+		--placements 4 --seed 0 --overwrite
 	$(PY) -m sharding.build $(DEMO)/zips/batch*_images.zip --out $(DEMO)/shards --overwrite
 	$(PY) -m sharding.verify $(DEMO)/shards
 	$(PY) train.py --data $(DEMO)/shards --out $(DEMO)/run --overwrite --epochs 10 \

@@ -85,6 +85,7 @@ def build_dataset(args: argparse.Namespace, work: Path) -> Path:
         placements=1,
         seed=args.seed,
         assets=args.assets,
+        overwrite=True,  # --work is kept between runs; its zips are this benchmark's own
     )
     try:
         zips = generate(synth, progress=False)

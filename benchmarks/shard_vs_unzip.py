@@ -5,6 +5,12 @@
 Both run in one process tree on the same zips, on a fresh temporary directory each, with the
 page cache warmed by one read of the zips first so neither pays for the first disk read.
 The build produces validated, shuffled, indexed shards; unzip produces only loose files.
+
+The zips' member compression changes both sides (the build reads stored members straight from
+a memory map and inflates deflated ones), so the JSON records it. sharding.synth writes stored
+zips by default; `zip` and most tools write deflated ones. Make deflated zips with
+
+    python -m sharding.synth --out data/zips-deflated --compression deflated
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 
 from sharding.atomic import write_json
 from sharding.shard_format import read_manifest
+from sharding.synth import COMPRESSION
 
 
 class BenchmarkError(Exception):
@@ -34,6 +41,20 @@ def _warm(zips: list[str]) -> None:
         with open(path, "rb") as f:
             while f.read(1 << 24):
                 pass
+
+
+def zip_compression(zips: list[str]) -> dict:
+    """How the zips' members are compressed: ``method`` (one name, or "mixed") and counts."""
+    names = {code: name for name, code in COMPRESSION.items()}
+    counts: dict[str, int] = {}
+    for path in zips:
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if not info.is_dir():
+                    name = names.get(info.compress_type, f"method {info.compress_type}")
+                    counts[name] = counts.get(name, 0) + 1
+    method = next(iter(counts)) if len(counts) == 1 else "mixed" if counts else "empty"
+    return {"method": method, "members": dict(sorted(counts.items()))}
 
 
 def time_unzip(zips: list[str], workdir: Path) -> tuple[float, str]:
@@ -64,20 +85,47 @@ def time_build(zips: list[str], workdir: Path, workers: int, verify: str) -> tup
     return elapsed, read_manifest(workdir / "shards")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.shard_vs_unzip", description=__doc__)
-    p.add_argument("zips", nargs="+")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; every option has a help string."""
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.shard_vs_unzip",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("zips", nargs="+", help="the batch*_images.zip files to unzip and to build")
     p.add_argument("--json", type=Path, help="write the results here as JSON")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="build workers")
-    p.add_argument("--verify", choices=("header", "decode"), default="header")
-    p.add_argument("--tmp", help="directory for the outputs (default: system temp)")
-    a = p.parse_args(argv)
+    p.add_argument(
+        "--verify",
+        choices=("header", "decode"),
+        default="header",
+        help="the build's JPEG check (sharding.build --verify)",
+    )
+    p.add_argument("--tmp", help="an existing directory for the outputs (default: system temp)")
+    return p
+
+
+def _check_paths(a: argparse.Namespace) -> str | None:
+    """The first path problem, as a one-line message, or None."""
     for path in a.zips:
         if not os.path.isfile(path):
             what = "is a directory, expected a batch zip" if os.path.isdir(path) else "no such file"
-            print(f"error: {path}: {what}", file=sys.stderr)
-            return 1
+            return f"{path}: {what}"
+    if a.tmp is not None and not os.path.isdir(a.tmp):
+        return f"--tmp {a.tmp}: no such directory"
+    if a.json is not None and not a.json.resolve().parent.is_dir():
+        return f"--json {a.json}: no such directory {a.json.resolve().parent}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    problem = _check_paths(a)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     try:
+        compression = zip_compression(a.zips)
         _warm(a.zips)
         with tempfile.TemporaryDirectory(dir=a.tmp) as tmp:
             unzip_s, tool = time_unzip(a.zips, Path(tmp) / "unzipped")
@@ -97,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "zips": len(a.zips),
         "zip_bytes": zip_bytes,
+        "zip_compression": compression,
         "samples": samples,
         "unzip": {"seconds": round(unzip_s, 3), "tool": tool},
         "build": {
@@ -107,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "build_over_unzip": round(build_s / unzip_s, 3),
     }
+    print(f"{len(a.zips)} zips, {zip_bytes / 1e6:,.1f} MB, members {compression['method']}")
     print(f"{'step':<28}{'seconds':>10}{'samples/s':>12}")
     print(f"{tool + ' (loose files)':<28}{unzip_s:>10.2f}{samples / unzip_s:>12,.0f}")
     label = f"sharding.build ({a.workers}w, {a.verify})"
