@@ -112,6 +112,7 @@ def steps(out: Path, data: Path, py: str, quick: bool) -> list[tuple[str, list[s
                 "20",
                 "--warmup",
                 "5",
+                "--compile",
                 "--json",
                 str(out / "model_step.json"),
             ],
