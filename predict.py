@@ -1,14 +1,30 @@
 """Predict the foreground mask and depth map for bg / fg_bg image pairs with a trained model.
 
-    python predict.py --checkpoint RUN/checkpoints/best.pt --bg bg.jpg --fg-bg fg_bg.jpg --out pred
-    python predict.py --checkpoint CKPT --bg-dir bg_jpg --fg-bg-dir fg_bg_jpg --out pred
+    python predict.py --checkpoint RUN_DIR --bg bg.jpg --fg-bg fg_bg.jpg --out pred
+    python predict.py --checkpoint RUN/checkpoints/best.pt --bg-dir bgs --fg-bg-dir fgbgs --out pred
 
-For each pair writes ``{stem}_mask.png`` (mask_size, 0/255), ``{stem}_depth.png`` (depth_size,
-0-255) and ``{stem}_figure.png`` (bg | fg_bg | mask | depth), where stem is the fg_bg file's.
-Inputs of any size, gray or colour, are converted to the model's channel count and resized.
+--checkpoint takes a .pt file written by train.py or a run directory (its checkpoints/best.pt).
+In folder mode each fg_bg is paired with the bg of the same file name (bgs/kitchen.jpg with
+fgbgs/kitchen.jpg) or, by the dataset's names, fg_bg_{f}_{b}_{flip}_{n}.jpg with bg_img_{b}.jpg.
+A bg and its fg_bg must be the same size.
+
+For each pair, with stem the fg_bg file's, writes
+
+    {stem}_mask.png, {stem}_depth.png    at the input's size, to lay over the photo
+    {stem}_mask_160.png, {stem}_depth_80.png    at the model's resolution (mask_size, depth_size)
+    {stem}_figure.png    bg | fg_bg | mask | depth, as the model saw them
+
+Masks are 0/255 and depth maps 0-255. Inputs of any size, grey or colour, are converted to the
+model's channel count and resized to its square input, as the test loader does; a line says
+when that changes an input's aspect ratio.
 """
 
 from __future__ import annotations
+
+import os
+
+# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import sys
@@ -25,9 +41,13 @@ from model import UNet, UNetConfig
 from pipeline import LoaderConfig, denormalize
 from pipeline.grid import compose, save_png, to_pil
 from pipeline.preprocess import decode, image_mode, normalize
-from sharding.layout import classify
+from sharding.layout import classify, is_junk
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.distributed import DEVICES, DeviceError, resolve_device
+from training.rundir import RunDir
+
+# File suffixes PIL can open: other files in a folder (notes, checksums) are not inputs.
+IMAGE_SUFFIXES = frozenset(Image.registered_extensions())
 
 
 class PredictError(Exception):
@@ -49,21 +69,34 @@ class PredictConfig:
     device: str = "auto"
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One bg and its fg_bg, and their size in pixels (width, height)."""
+
+    bg: Path
+    fg_bg: Path
+    size: tuple[int, int]
+
+
 def parse_args(argv: list[str] | None = None) -> PredictConfig:
     """Parse ``argv``; exactly one of the (--bg, --fg-bg) and (--bg-dir, --fg-bg-dir) pairs."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="last.pt or best.pt written by train.py")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="best.pt or last.pt written by train.py, or a run directory (uses its best.pt)",
+    )
+    p.add_argument("--out", required=True, help="output directory (created if missing)")
     g = p.add_argument_group("One pair")
     g.add_argument("--bg", help="background image")
-    g.add_argument("--fg-bg", help="foreground-on-background image")
-    g = p.add_argument_group("Folders of pairs, by the dataset's names")
-    g.add_argument("--bg-dir", help="folder of bg_img_{b}.jpg")
-    g.add_argument("--fg-bg-dir", help="folder of fg_bg_{f}_{b}_{flip}_{n}.jpg")
+    g.add_argument("--fg-bg", help="the same background with the object in it, at the same size")
+    g = p.add_argument_group("Folders of pairs, by the same file name or by the dataset's names")
+    g.add_argument("--bg-dir", help="folder of backgrounds: NAME.jpg, or bg_img_{b}.jpg")
+    g.add_argument("--fg-bg-dir", help="folder of NAME.jpg, or fg_bg_{f}_{b}_{flip}_{n}.jpg")
     g = p.add_argument_group("Run")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass")
     g.add_argument("--threshold", type=float, default=0.5, help="mask probability cut-off")
-    g.add_argument("--device", choices=DEVICES, default="auto")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when visible")
     cfg = PredictConfig(**vars(p.parse_args(argv)))
     single, folders = (cfg.bg, cfg.fg_bg), (cfg.bg_dir, cfg.fg_bg_dir)
     if any(single) == any(folders):
@@ -75,10 +108,25 @@ def parse_args(argv: list[str] | None = None) -> PredictConfig:
     return cfg
 
 
+def checkpoint_path(path: str) -> Path:
+    """The checkpoint file ``--checkpoint`` names: the file itself, or a run directory's best.pt."""
+    given = Path(path)
+    if not given.is_dir():
+        return given
+    # A run directory as train.py writes it, or its checkpoints/ folder.
+    for candidate in (RunDir(given).best, given / RunDir(given).best.name):
+        if candidate.is_file():
+            return candidate
+    raise PredictError(
+        f"{given} is a directory without {RunDir(given).best.relative_to(given)}; pass a run "
+        "directory written by train.py, or a checkpoint file"
+    )
+
+
 def load_model(path: str, device: torch.device) -> tuple[UNet, LoaderConfig]:
-    """The UNet from a train.py checkpoint, and the loader config it was trained with."""
+    """The UNet from a train.py checkpoint (or run directory), and its loader config."""
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(checkpoint_path(path))
     except CheckpointError as e:
         raise PredictError(str(e)) from e
     saved = state["model_config"]
@@ -88,36 +136,109 @@ def load_model(path: str, device: torch.device) -> tuple[UNet, LoaderConfig]:
     return model.to(device).eval(), LoaderConfig(**state["loader_config"])
 
 
-def find_pairs(cfg: PredictConfig) -> list[tuple[Path, Path]]:
-    """``(bg, fg_bg)`` paths: the one given pair, or folders matched by the dataset's names."""
-    if cfg.bg:
-        pairs = [(Path(cfg.bg), Path(cfg.fg_bg))]
-    else:
-        bg_dir, fg_bg_dir = Path(cfg.bg_dir), Path(cfg.fg_bg_dir)
-        for folder in (bg_dir, fg_bg_dir):
-            if not folder.is_dir():
-                raise PredictError(f"{folder} is not a directory")
-        # sharding.layout knows the dataset's file names; give it zip-style member paths.
-        layout = classify(
-            [f"bg_jpg/{p.name}" for p in bg_dir.iterdir()]
-            + [f"fg_bg_jpg/{p.name}" for p in fg_bg_dir.iterdir()]
+def image_files(folder: Path) -> list[Path]:
+    """The images in ``folder``, by name; hidden files and other files are not inputs."""
+    if not folder.is_dir():
+        raise PredictError(f"{folder} is not a directory")
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.name.startswith(".")
+        and not is_junk(p.name)
+    )
+
+
+def pair_folders(bg_dir: Path, fg_bg_dir: Path) -> list[tuple[Path, Path]]:
+    """Each fg_bg with the bg of the same name, else with bg_img_{b}.jpg by the dataset's names."""
+    bgs = {p.name: p for p in image_files(bg_dir)}
+    fg_bgs = image_files(fg_bg_dir)
+    if not fg_bgs:
+        raise PredictError(f"no images in {fg_bg_dir}")
+    # sharding.layout knows the dataset's file names; give it zip-style member paths.
+    layout = classify([f"bg_jpg/{n}" for n in bgs] + [f"fg_bg_jpg/{p.name}" for p in fg_bgs])
+    dataset_b = {Path(name).name: sid[1] for sid, name in layout.fg_bg.items()}
+    pairs, missing_b, unmatched = [], set(), []
+    for fg_bg in fg_bgs:
+        if fg_bg.name in bgs:
+            pairs.append((bgs[fg_bg.name], fg_bg))
+        elif fg_bg.name in dataset_b and dataset_b[fg_bg.name] in layout.bg:
+            pairs.append((bg_dir / Path(layout.bg[dataset_b[fg_bg.name]]).name, fg_bg))
+        elif fg_bg.name in dataset_b:
+            missing_b.add(dataset_b[fg_bg.name])
+        else:
+            unmatched.append(fg_bg.name)
+    if missing_b:
+        missing = sorted(missing_b)
+        raise PredictError(
+            f"no bg_img_{{b}}.jpg in {bg_dir} for b in {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}; every fg_bg needs its background"
         )
-        missing = sorted({sid[1] for sid in layout.fg_bg if sid[1] not in layout.bg})
-        if missing:
+    if unmatched:
+        raise PredictError(
+            f"no bg named {unmatched[0]} in {bg_dir}"
+            f"{f' (nor for {len(unmatched) - 1} more)' if len(unmatched) > 1 else ''}; "
+            "give each fg_bg a bg of the same file name, or use the dataset's names"
+        )
+    stems: dict[str, str] = {}
+    for _, fg_bg in pairs:
+        if fg_bg.stem in stems:
             raise PredictError(
-                f"no bg_img_{{b}}.jpg in {bg_dir} for b in {missing[:5]}"
-                f"{' ...' if len(missing) > 5 else ''}; every fg_bg needs its background"
+                f"{stems[fg_bg.stem]} and {fg_bg.name} in {fg_bg_dir} would write the same "
+                f"{fg_bg.stem}_*.png; rename one"
             )
-        pairs = [
-            (bg_dir / Path(layout.bg[sid[1]]).name, fg_bg_dir / Path(name).name)
-            for sid, name in sorted(layout.fg_bg.items())
-        ]
-        if not pairs:
-            raise PredictError(f"no fg_bg_{{f}}_{{b}}_{{flip}}_{{n}}.jpg files in {fg_bg_dir}")
-    for path in {p for pair in pairs for p in pair}:
-        if not path.is_file():
-            raise PredictError(f"{path} does not exist")
+        stems[fg_bg.stem] = fg_bg.name
     return pairs
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image's header, without decoding it."""
+    if not path.is_file():
+        raise PredictError(f"{path} does not exist")
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError as e:  # PIL's UnidentifiedImageError is one
+        raise PredictError(f"cannot read image {path}: {e}") from e
+
+
+def find_pairs(cfg: PredictConfig) -> list[Pair]:
+    """The given pair, or the folders' pairs; each checked readable and of one size."""
+    if cfg.bg:
+        paths = [(Path(cfg.bg), Path(cfg.fg_bg))]
+    else:
+        paths = pair_folders(Path(cfg.bg_dir), Path(cfg.fg_bg_dir))
+    pairs = []
+    for bg, fg_bg in paths:
+        bg_size, fg_bg_size = image_size(bg), image_size(fg_bg)
+        if bg_size != fg_bg_size:
+            raise PredictError(
+                f"{bg} is {bg_size[0]}x{bg_size[1]} but {fg_bg} is "
+                f"{fg_bg_size[0]}x{fg_bg_size[1]}; "
+                "a fg_bg is its bg with the object pasted in, so give both at the same size"
+            )
+        pairs.append(Pair(bg, fg_bg, fg_bg_size))
+    return pairs
+
+
+def aspect_note(pairs: list[Pair], size: int) -> str | None:
+    """One line when the model's square input changes any input's aspect ratio, else None."""
+    changed = [p for p in pairs if p.size[0] != p.size[1]]
+    if not changed:
+        return None
+    first = changed[0]
+    (w, h), name = first.size, first.fg_bg.name
+    if len(pairs) == 1:
+        return (
+            f"note: {name} is {w}x{h}; the model sees it squashed to {size}x{size}, which changes "
+            f"its aspect ratio; _mask.png and _depth.png are scaled back to {w}x{h}"
+        )
+    return (
+        f"note: {len(changed)} of {len(pairs)} pairs are not square (first: {name}, {w}x{h}); the "
+        f"model sees them squashed to {size}x{size}, which changes their aspect ratio; _mask.png "
+        "and _depth.png are scaled back to each input's size"
+    )
 
 
 def read_images(
@@ -133,20 +254,49 @@ def read_images(
     return normalize(torch.from_numpy(np.stack(images)), loader_cfg)
 
 
+def to_size(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``(1, h, w)`` resized bilinearly to ``size`` = (width, height)."""
+    width, height = size
+    if image.shape[-2:] == (height, width):
+        return image
+    return F.interpolate(image[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+
+
+def gray_png(image: torch.Tensor, path: Path) -> None:
+    """``(1, H, W)`` in [0, 1] as an 8-bit grey PNG."""
+    array = (image[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    save_png(Image.fromarray(array, mode="L"), path)
+
+
+def output_names(stem: str, cfg: UNetConfig) -> dict[str, str]:
+    """What predict.py writes for one pair, by kind."""
+    return {
+        "mask": f"{stem}_mask.png",
+        "depth": f"{stem}_depth.png",
+        "mask_model": f"{stem}_mask_{cfg.mask_size}.png",
+        "depth_model": f"{stem}_depth_{cfg.depth_size}.png",
+        "figure": f"{stem}_figure.png",
+    }
+
+
 def write_outputs(
     out: Path,
-    stem: str,
+    names: dict[str, str],
+    pair: Pair,
     bg: torch.Tensor,
     fg_bg: torch.Tensor,
-    mask: torch.Tensor,
+    mask_prob: torch.Tensor,
     depth: torch.Tensor,
+    threshold: float,
     loader_cfg: LoaderConfig,
 ) -> None:
-    """Mask and depth PNGs at the model's sizes and the side-by-side figure."""
-    mask_u8 = (mask[0].numpy() * 255).astype(np.uint8)
-    save_png(Image.fromarray(mask_u8, mode="L"), out / f"{stem}_mask.png")
-    depth_u8 = (depth[0].clamp(0, 1).numpy() * 255).round().astype(np.uint8)
-    save_png(Image.fromarray(depth_u8, mode="L"), out / f"{stem}_depth.png")
+    """Mask and depth PNGs at the input's and the model's sizes, and the side-by-side figure."""
+    mask = (mask_prob > threshold).float()  # (1, mask_size, mask_size)
+    gray_png(mask, out / names["mask_model"])
+    gray_png(depth, out / names["depth_model"])
+    # The probability is resized, then cut: smoother edges than resizing the 0/1 mask.
+    gray_png((to_size(mask_prob, pair.size) > threshold).float(), out / names["mask"])
+    gray_png(to_size(depth, pair.size), out / names["depth"])
     size = bg.shape[-1]
     up = F.interpolate(depth[None], size=size, mode="bilinear", align_corners=False)[0]
     cells = [
@@ -156,7 +306,7 @@ def write_outputs(
         to_pil(up),
     ]
     headers = ("bg", "fg_bg", "mask (pred)", "depth (pred)")
-    save_png(compose([cells], headers), out / f"{stem}_figure.png")
+    save_png(compose([cells], headers), out / names["figure"])
 
 
 @torch.no_grad()
@@ -168,21 +318,26 @@ def predict(cfg: PredictConfig) -> list[Path]:
         raise PredictError(str(e)) from e
     model, loader_cfg = load_model(cfg.checkpoint, device)
     channels, size = model.cfg.in_channels, model.cfg.mask_size
-    pairs = find_pairs(cfg)
+    pairs = find_pairs(cfg)  # every input is checked before anything is written
+    if note := aspect_note(pairs, size):
+        print(note)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     bar = tqdm(total=len(pairs), unit="pair", desc="predict", disable=len(pairs) < 2)
     for start in range(0, len(pairs), cfg.batch_size):
         chunk = pairs[start : start + cfg.batch_size]
-        bg = read_images([b for b, _ in chunk], channels, size, loader_cfg)
-        fg_bg = read_images([f for _, f in chunk], channels, size, loader_cfg)
+        bg = read_images([p.bg for p in chunk], channels, size, loader_cfg)
+        fg_bg = read_images([p.fg_bg for p in chunk], channels, size, loader_cfg)
         mask_logits, depth = model(UNet.input_from(bg, fg_bg).to(device))
-        masks = (torch.sigmoid(mask_logits.float()) > cfg.threshold).float().cpu()
+        mask_prob = torch.sigmoid(mask_logits.float()).cpu()
         depth = depth.float().cpu()
-        for i, (_, fg_bg_path) in enumerate(chunk):
-            write_outputs(out, fg_bg_path.stem, bg[i], fg_bg[i], masks[i], depth[i], loader_cfg)
-            written.append(out / f"{fg_bg_path.stem}_figure.png")
+        for i, pair in enumerate(chunk):
+            names = output_names(pair.fg_bg.stem, model.cfg)
+            write_outputs(
+                out, names, pair, bg[i], fg_bg[i], mask_prob[i], depth[i], cfg.threshold, loader_cfg
+            )
+            written.append(out / names["figure"])
         bar.update(len(chunk))
     bar.close()
     return written

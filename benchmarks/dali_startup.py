@@ -12,10 +12,14 @@ for the first import and DALI's one-off start-up, so the summary uses the later 
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
 import json
-import os
 import platform
 import statistics
 import sys
@@ -24,10 +28,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.loaders import load_average
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN, resolve_threads
 from pipeline.loader import dali_available
 from sharding.atomic import write_json
+
+PROG = "python -m benchmarks.dali_startup"
 
 
 def time_epoch(loader, epoch: int, device: str) -> dict:
@@ -64,7 +71,7 @@ def run(args: argparse.Namespace) -> dict:
         shard_id=0,
         num_shards=1,
     )
-    load_at_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    load_at_start = load_average()
     splits = {}
     for split in ("train", "test"):
         loader = build_loader(args.data, split, cfg)
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "platform": platform.platform(),
             "load_average_at_start": load_at_start,
-            "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "load_average_at_end": load_average(),
         },
         "data": {"path": str(args.data), "batch_size": args.batch_size, "device": args.device},
         "splits": splits,
@@ -94,30 +101,49 @@ def run(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", required=True, help="shard directory (with manifest.json)")
     parser.add_argument("--json", type=Path, help="also write the report here")
     parser.add_argument("--epochs", type=int, default=4, help="epochs per split (at least 2)")
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100, help="samples per batch")
     parser.add_argument("--threads", type=int, default=None, help="DALI threads; default: auto")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--augment-in", default="auto", choices=AUGMENT_IN)
+    parser.add_argument(
+        "--augment-in",
+        default="auto",
+        choices=AUGMENT_IN,
+        help="finish batches in the DALI graph or in torch; auto: the graph on CUDA only",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.epochs < 2 or args.batch_size < 1:
-        print("error: --epochs must be at least 2 and --batch-size at least 1", file=sys.stderr)
+        print(
+            f"{PROG}: error: --epochs must be at least 2 and --batch-size at least 1",
+            file=sys.stderr,
+        )
         return 2
     if not dali_available():
-        print("error: nvidia.dali is not installed; this benchmark times DALI", file=sys.stderr)
+        print(
+            f"{PROG}: error: nvidia.dali is not installed; this benchmark times DALI",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json and not args.json.parent.is_dir():
+        print(
+            f"{PROG}: error: the directory of --json {args.json} does not exist; create it first",
+            file=sys.stderr,
+        )
         return 1
     try:
         report = run(args)
     except LoaderError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     for split, result in report["splits"].items():
         overhead = result["median_start_overhead_s_after_epoch_0"]

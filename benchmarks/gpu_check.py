@@ -112,6 +112,7 @@ def steps(out: Path, data: Path, py: str, quick: bool) -> list[tuple[str, list[s
                 "20",
                 "--warmup",
                 "5",
+                "--compile",
                 "--json",
                 str(out / "model_step.json"),
             ],
@@ -281,10 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     if all(r["rc"] == 0 for r in results.values()):
         for name, argv_, timeout in steps(out, work / "shards", py, args.quick):
             results[name] = run_step(name, argv_, timeout, out)
+    from benchmarks.loaders import load_average  # imports torch: loaded by now, not at start
+
     summary = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": {**versions, "platform": platform.platform(), "cpus": cpus},
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average": load_average(),
         "total_s": round(time.perf_counter() - started, 1),
         "steps": results,
         "figures": headline(out),

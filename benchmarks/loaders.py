@@ -22,13 +22,17 @@ loader does with ``--both-augment-in``.
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
 import io
 import json
 import logging
 import multiprocessing
-import os
 import platform
 import random
 import resource
@@ -54,6 +58,8 @@ from sharding.shard_format import META_EXT, PARTS, image_ext, part_of, split_mem
 from sharding.storage import StorageError
 
 log = logging.getLogger(__name__)
+
+PROG = "python -m benchmarks.loaders"
 
 LOADERS = ("seed-baseline", "webdataset", "dali-cpu", "dali-gpu", "decode-ceiling")
 # Untimed batches first: pipeline start-up, and prefetch queues that were filled for free.
@@ -291,12 +297,18 @@ def summarise(rounds: list[dict], count: int) -> dict:
 
 
 def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages: other users' load skews wall-clock rates."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    """The 1, 5 and 15 minute load averages, to 2 decimals: other users' load skews wall rates.
+
+    Every benchmark records the load average from here.
+    """
+    if not hasattr(os, "getloadavg"):
+        return None
+    return [round(load, 2) for load in os.getloadavg()]  # 1.1708984375 says no more than 1.17
 
 
 def machine_info() -> dict:
     """Cores, GPU, date, versions, and the load average: other users' load skews wall rates."""
+    load_at_end = load_average()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     dali_version = None
     if dali_available():
@@ -316,8 +328,8 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "dali": dali_version,
-        "load_average_at_end": load_average(),
-        "load_average_1m_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_average_at_end": load_at_end,
+        "load_average_1m_at_end": load_at_end[0] if load_at_end else None,
     }
 
 
@@ -483,13 +495,15 @@ def print_table(report: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog=PROG,
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--data", required=True, help="shard directory or s3://BUCKET/PREFIX (with manifest.json)"
     )
     parser.add_argument("--json", type=Path, help="also write the report here")
-    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100, help="samples per batch")
     parser.add_argument(
         "--batches", type=int, default=10, help="timed batches per loader in each round"
     )
@@ -511,9 +525,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: dali-gpu only, on CUDA)",
     )
     parser.add_argument("--workers", type=int, default=0, help="0: one per core")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--loaders", nargs="+", default=list(LOADERS), choices=LOADERS)
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed")
+    parser.add_argument(
+        "--loaders", nargs="+", default=list(LOADERS), choices=LOADERS, help="loaders to time"
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
     return parser.parse_args(argv)
 
 
@@ -521,12 +539,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.batch_size < 1 or args.batches < 1 or args.rounds < 1:
-        print("error: --batch-size, --batches and --rounds must be at least 1", file=sys.stderr)
+        print(
+            f"{PROG}: error: --batch-size, --batches and --rounds must be at least 1",
+            file=sys.stderr,
+        )
         return 2
+    if args.json and not args.json.parent.is_dir():
+        print(
+            f"{PROG}: error: the directory of --json {args.json} does not exist; create it first",
+            file=sys.stderr,
+        )
+        return 1
     try:
         report = run(args)
     except (LoaderError, StorageError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     print_table(report)
     if args.json:

@@ -1,19 +1,24 @@
 """Time one training step of the UNet in each memory layout, dtype and compile mode.
 
 Usage: ``python -m benchmarks.model_step [--device cpu|cuda] [--batch-size N] [--steps N]
-[--warmup N] [--compile/--no-compile] [--json PATH] [--overwrite]``
+[--warmup N] [--compile] [--json PATH] [--overwrite]``
 
 A step is forward, MaskDepthLoss, backward and an SGD update on random tensors, so the
 figures measure the model alone, with no data loading. bf16 autocast is timed on CUDA only.
 samples/s comes from the median step time; the JSON also records the mean and the 1-minute
-load average, since other processes on a shared machine skew CPU timings.
+load average, since other processes on a shared machine skew CPU timings. ``--compile`` also
+times torch.compile, whose first steps compile for minutes on a CPU.
 """
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import sys
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.loaders import load_average
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 from sharding.atomic import write_json
 from training.distributed import DeviceError, resolve_device
@@ -129,7 +135,7 @@ def machine_info(device: torch.device) -> dict:
         "python_version": platform.python_version(),
         "device": str(device),
         "device_name": name,
-        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "load_avg_1m": load[0] if (load := load_average()) else None,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
 
@@ -165,15 +171,15 @@ class _OneLineParser(argparse.ArgumentParser):
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Command-line options."""
     parser = _OneLineParser(prog=_PROG, description=__doc__)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to time")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     parser.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also time torch.compile (default: on)",
+        default=False,
+        help="also time torch.compile; compiling takes minutes on a CPU (default: off)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json")
@@ -215,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for compiled in compile_modes:
         for dtype in dtypes:
             for layout in LAYOUTS:
+                # Progress, since one configuration can take minutes (compiling, a busy CPU).
+                compiling = " (compiling first: minutes on a CPU)" if compiled else ""
+                print(f"timing {layout} {dtype} compile={compiled}{compiling} ...", flush=True)
                 try:
                     row = time_config(
                         layout, dtype, compiled, device, args.batch_size, args.steps, args.warmup

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from benchmarks.loaders import load_average
 from benchmarks.train_throughput import machine
 from model import MaskDepthMetrics, UNet, UNetConfig, count_parameters
 from pipeline import LoaderConfig, LoaderError, build_loader
@@ -138,7 +138,7 @@ def parameters(run: Path) -> int:
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Dataset, floor, training; the JSON payload."""
-    load_before = os.getloadavg()[0]
+    load_before = load_average()[0]
     shards = build_dataset(args, work)
     manifest = json.loads((shards / "manifest.json").read_text())
     floor = pixel_difference_floor(shards)
@@ -151,7 +151,7 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "params": params <= GOALS["params"],
     }
     return {
-        "machine": {**machine(torch.device("cpu")), "load_1min": [load_before, os.getloadavg()[0]]},
+        "machine": {**machine(torch.device("cpu")), "load_1min": [load_before, load_average()[0]]},
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "samples": {split: manifest["splits"][split]["samples"] for split in ("train", "test")},
         "test": {k: test[k] for k in ("iou", "dice", "depth_ssim", "depth_rmse", "depth_mae")},

@@ -1,20 +1,26 @@
 """End-to-end training throughput for each available loader, against an in-memory ceiling.
 
 Usage: ``python -m benchmarks.train_throughput --data DIR [--json PATH] [--batches N]
-[--batch-size N] [--widths 16,32,64,128,256] [--num-threads N] [--device auto|cpu|cuda]``
+[--warmup N] [--batch-size N] [--widths 16,32,64,128,256] [--num-threads N]
+[--device auto|cpu|cuda]``
 
 Each loader (torch, dali-cpu, and dali-gpu when CUDA is there) feeds the training step that
 train.py runs (``training.step``: forward, loss, backward, SGD step, timed by its
 ``StepTimer`` with a device sync); "synthetic" repeats one batch already in memory, so its
 samples/s is what the model alone allows. data_wait_share is the fraction of the wall time
-spent blocked on the next batch.
+spent blocked on the next batch. Each is timed after ``--warmup`` untimed steps, which pay for
+the allocator, the pipeline's start-up and the prefetch queue it filled for free.
 """
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import datetime
-import os
 import platform
 import sys
 import time
@@ -31,18 +37,39 @@ from training.distributed import DEVICES, DeviceError, Runtime, resolve_device
 from training.options import widths_type
 from training.step import StepTimer, train_step
 
+PROG = "python -m benchmarks.train_throughput"
+# Fewer timed steps than this give a figure that is mostly noise: a loader can then time
+# faster than the in-memory ceiling.
+STEADY_BATCHES = 10
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The benchmark's options."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--data", required=True, help="dataset dir with manifest.json")
     p.add_argument("--json", help="also write the results here (atomically)")
     p.add_argument("--batches", type=int, default=20, help="timed batches per loader")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--widths", type=widths_type, default=UNetConfig.widths)
-    p.add_argument("--num-threads", type=int, default=2)
-    p.add_argument("--device", choices=DEVICES, default="auto")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--warmup", type=int, default=3, help="untimed batches per loader before the timed ones"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="samples per batch")
+    p.add_argument(
+        "--widths",
+        type=widths_type,
+        default=UNetConfig.widths,
+        help="UNet channel widths per level, comma-separated",
+    )
+    p.add_argument("--num-threads", type=int, default=2, help="loader threads (DALI) or workers")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when visible")
+    args = p.parse_args(argv)
+    if args.batches < 1 or args.warmup < 0 or args.batch_size < 1:
+        p.error(
+            f"--batches {args.batches} and --batch-size {args.batch_size} must be at least 1, "
+            f"--warmup {args.warmup} at least 0"
+        )
+    return args
 
 
 def loader_variants(device: torch.device) -> dict[str, tuple[str, str]]:
@@ -67,22 +94,30 @@ def time_steps(
     rt: Runtime,
     channels: int,
     widths: tuple[int, ...],
+    warmup: int = 3,
 ) -> dict[str, float]:
-    """Samples/s and data-wait share of ``count`` training steps (after one untimed step)."""
+    """Samples/s and data-wait share of ``count`` training steps after ``warmup`` untimed ones."""
     torch.manual_seed(0)
     model = UNet(UNetConfig(in_channels=channels, widths=widths)).to(rt.device)
     loss_fn = MaskDepthLoss(LossConfig()).to(rt.device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    # The first steps pay for the allocator, the pipeline's start-up, and are fed from a
+    # prefetch queue that filled for free: none of that is the steady rate.
+    for _ in range(warmup):
+        train_step(model, loss_fn, optimizer, next(batches), rt)
+    rt.sync()
     timer, start = StepTimer(rt), time.perf_counter()
-    for step in range(count + 1):
-        if step == 1:  # the first step pays for allocator and pipeline warm-up
-            rt.sync()
-            timer, start = StepTimer(rt), time.perf_counter()
+    for _ in range(count):
         batch = timer.next_batch(batches)
         timer.step_done(train_step(model, loss_fn, optimizer, batch, rt).samples)
     data_s = timer.data_s  # waits for the queued steps, so the wall time below includes them
     wall = time.perf_counter() - start
-    return {"samples_per_s": timer.samples / wall, "data_wait_share": data_s / wall}
+    return {
+        "samples_per_s": timer.samples / wall,
+        "data_wait_share": data_s / wall,
+        "timed_batches": count,
+        "warmup_batches": warmup,
+    }
 
 
 def synthetic(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -107,7 +142,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{name}: skipped ({str(e).splitlines()[0]})")
             continue
         batches = endless(loader)
-        results[name] = time_steps(batches, args.batches, rt, loader.channels, args.widths)
+        results[name] = time_steps(
+            batches, args.batches, rt, loader.channels, args.widths, args.warmup
+        )
         if first_batch is None:  # cloned: DALI reuses its output buffers for later batches
             first_batch = {
                 k: v.clone() if torch.is_tensor(v) else v for k, v in next(batches).items()
@@ -119,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             k: v.to(rt.device) if torch.is_tensor(v) else v for k, v in first_batch.items()
         }
         results["synthetic"] = time_steps(
-            synthetic(in_memory), args.batches, rt, channels, args.widths
+            synthetic(in_memory), args.batches, rt, channels, args.widths, args.warmup
         )
     return {"machine": machine(rt.device), "config": vars(args), "results": results}
 
@@ -149,12 +186,23 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     args = parse_args(argv)
     if not (Path(args.data) / "manifest.json").is_file():
-        print(f"train_throughput: error: no manifest.json in {args.data}", file=sys.stderr)
+        print(f"{PROG}: error: no manifest.json in {args.data}", file=sys.stderr)
         return 1
+    if args.json and not Path(args.json).parent.is_dir():
+        print(
+            f"{PROG}: error: the directory of --json {args.json} does not exist; create it first",
+            file=sys.stderr,
+        )
+        return 1
+    if args.batches < STEADY_BATCHES:
+        print(
+            f"note: {args.batches} timed batches per loader give noisy figures (a loader may "
+            f"time above its ceiling); use --batches {STEADY_BATCHES} or more to compare"
+        )
     try:
         payload = run(args)
     except DeviceError as e:
-        print(f"train_throughput: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     print_table(payload["results"])
     if args.json:

@@ -13,7 +13,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -41,20 +41,36 @@ def render_grid(batch: dict, cfg: LoaderConfig, n: int) -> Image.Image:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
     parser = argparse.ArgumentParser(
+        prog="python -m pipeline.preview",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--data", required=True, help="shard directory or shard URL")
-    parser.add_argument("--out", required=True, type=Path, help="PNG to write")
-    parser.add_argument("--split", default="train", choices=("train", "test"))
-    parser.add_argument("--loader", default="auto", choices=("auto", "dali", "torch"))
-    parser.add_argument("--n", type=int, default=8, help="samples to show")
-    parser.add_argument("--epoch", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--augment-targets", action="store_true")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="PNG to write; its directory must exist"
+    )
+    parser.add_argument(
+        "--split",
+        default="train",
+        choices=("train", "test"),
+        help="which split to show; only train is augmented",
+    )
+    parser.add_argument(
+        "--loader",
+        default="auto",
+        choices=("auto", "dali", "torch"),
+        help="loader backend; auto: DALI when installed",
+    )
+    parser.add_argument("--n", type=int, default=8, help="samples to show (one batch)")
+    parser.add_argument("--epoch", type=int, default=0, help="epoch whose shuffle to show")
+    parser.add_argument("--seed", type=int, default=0, help="loader seed (shuffle, augmentation)")
+    parser.add_argument("--no-augment", action="store_true", help="show train samples unaugmented")
+    parser.add_argument(
+        "--augment-targets", action="store_true", help="jitter and noise mask and depth too"
+    )
+    parser.add_argument("--device", default="cpu", help="loader device: cpu, cuda or cuda:N")
     parser.add_argument(
         "--augment-in",
         default="auto",
@@ -65,7 +81,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def used_config(cfg: LoaderConfig, loader) -> LoaderConfig:
+    """``cfg`` with what the loader resolved: the backend, and augmentation for this split."""
+    return replace(
+        cfg,
+        backend=loader.backend,
+        augment=loader.augment,
+        augment_targets=cfg.augment_targets and loader.augment,
+        augment_in=loader.augment_in,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    """CLI entry: the grid PNG, or one line on stderr and exit status 1."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.n < 1:
@@ -73,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 1
+    if not args.out.parent.is_dir():
+        print(
+            f"error: the directory of --out {args.out} does not exist; create it first",
+            file=sys.stderr,
+        )
         return 1
     try:
         cfg = LoaderConfig(
@@ -86,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             shard_id=0,
             num_shards=1,
         )
-        print(json.dumps(asdict(cfg), sort_keys=True))
         loader = build_loader(args.data, args.split, cfg)
+        print(json.dumps(asdict(used_config(cfg, loader)), sort_keys=True))
         batch = next(iter(loader.epoch(args.epoch)))
     except LoaderError as exc:
         print(f"error: {exc}", file=sys.stderr)

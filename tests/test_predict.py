@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import tarfile
 from dataclasses import asdict
 
@@ -14,7 +17,7 @@ import predict
 import train
 from model import UNet, UNetConfig
 from pipeline import build_loader
-from tests.conftest import run_cli
+from tests.conftest import ROOT, run_cli
 from training.checkpoint import TrainState, save_checkpoint
 
 
@@ -39,8 +42,8 @@ def write_image(path, size: tuple[int, int], mode: str, seed: int) -> None:
     Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(path)
 
 
-def expected_mask(model: UNet, bg_path, fg_bg_path) -> np.ndarray:
-    """The mask predict.py should write, computed here from the model directly."""
+def expected_masks(model: UNet, bg_path, fg_bg_path) -> tuple[np.ndarray, np.ndarray]:
+    """The masks predict.py should write (model's size, input's size), from the model directly."""
     mode = "L" if model.cfg.in_channels == 1 else "RGB"
 
     def load(path):
@@ -51,11 +54,18 @@ def expected_mask(model: UNet, bg_path, fg_bg_path) -> np.ndarray:
 
     with torch.no_grad():
         mask_logits, _ = model(torch.cat([load(bg_path), load(fg_bg_path)], dim=1))
-    return (torch.sigmoid(mask_logits)[0, 0] > 0.5).numpy().astype(np.uint8) * 255
+    prob = torch.sigmoid(mask_logits)
+    with Image.open(fg_bg_path) as image:
+        width, height = image.size
+    full = torch.nn.functional.interpolate(prob, size=(height, width), mode="bilinear")
+    as_png = [(m[0, 0] > 0.5).numpy().astype(np.uint8) * 255 for m in (prob, full)]
+    return as_png[0], as_png[1]
 
 
-@pytest.mark.parametrize(("channels", "mode", "size"), [(1, "RGB", (200, 120)), (3, "L", (50, 70))])
-def test_single_pair_writes_model_sized_outputs(tmp_path, channels, mode, size):
+@pytest.mark.parametrize(
+    ("channels", "mode", "size"), [(1, "RGB", (200, 120)), (3, "L", (50, 70)), (1, "L", (96, 96))]
+)
+def test_single_pair_writes_outputs_at_input_and_model_size(tmp_path, capsys, channels, mode, size):
     model = make_checkpoint(tmp_path / "model.pt", channels)
     bg, fg_bg = tmp_path / "bg.jpg", tmp_path / "fg_bg_1_2_0_3.jpg"
     write_image(bg, size, mode, seed=1)
@@ -63,13 +73,26 @@ def test_single_pair_writes_model_sized_outputs(tmp_path, channels, mode, size):
     out = tmp_path / "out"
     argv = ["--checkpoint", str(tmp_path / "model.pt"), "--bg", str(bg), "--fg-bg", str(fg_bg)]
     assert predict.main([*argv, "--out", str(out), "--device", "cpu"]) == 0
-    with Image.open(out / "fg_bg_1_2_0_3_mask.png") as mask:
+    model_mask, input_mask = expected_masks(model, bg, fg_bg)
+    stem = out / "fg_bg_1_2_0_3"
+    with Image.open(f"{stem}_mask_160.png") as mask:
         assert mask.size == (160, 160) and mask.mode == "L"
-        np.testing.assert_array_equal(np.asarray(mask), expected_mask(model, bg, fg_bg))
-    with Image.open(out / "fg_bg_1_2_0_3_depth.png") as depth:
+        np.testing.assert_array_equal(np.asarray(mask), model_mask)
+    with Image.open(f"{stem}_depth_80.png") as depth:
         assert depth.size == (80, 80) and depth.mode == "L"
-    with Image.open(out / "fg_bg_1_2_0_3_figure.png") as figure:
+    # At the input's size, to lay over the photo.
+    with Image.open(f"{stem}_mask.png") as mask:
+        assert mask.size == size and mask.mode == "L"
+        np.testing.assert_array_equal(np.asarray(mask), input_mask)
+    with Image.open(f"{stem}_depth.png") as depth:
+        assert depth.size == size and depth.mode == "L"
+    with Image.open(f"{stem}_figure.png") as figure:
         assert figure.width >= 4 * 160 and figure.height >= 160
+    notes = [line for line in capsys.readouterr().out.splitlines() if "aspect ratio" in line]
+    if size[0] == size[1]:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and f"{size[0]}x{size[1]}" in notes[0] and "160x160" in notes[0]
 
 
 def test_inputs_are_prepared_exactly_as_the_test_loader_prepares_them(tiny_shards, tmp_path):
@@ -103,7 +126,9 @@ def test_folders_are_paired_by_dataset_names(tmp_path, capsys):
     assert "wrote 3 prediction(s)" in capsys.readouterr().out
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(
-        f"{s}_{kind}.png" for s in stems for kind in ("mask", "depth", "figure")
+        f"{s}_{kind}.png"
+        for s in stems
+        for kind in ("mask", "depth", "mask_160", "depth_80", "figure")
     )
 
     (bg_dir / "bg_img_2.jpg").unlink()
@@ -150,3 +175,133 @@ def test_missing_or_foreign_checkpoint_is_refused(tmp_path, capsys):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     assert predict.main(["--checkpoint", str(tmp_path / "foreign.pt"), *pair, *out]) == 1
     assert "not a maskdepth checkpoint" in capsys.readouterr().err
+
+
+def snapshot(root) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def assert_refused(tmp_path, capsys, argv, match: str) -> None:
+    """predict.py exits 1 with one line naming ``match``, and the file system is untouched."""
+    before = snapshot(tmp_path)
+    assert predict.main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], lines
+    assert snapshot(tmp_path) == before
+
+
+def test_pair_of_different_sizes_is_refused(tmp_path, capsys):
+    make_checkpoint(tmp_path / "model.pt", 1)
+    write_image(tmp_path / "bg.jpg", (640, 480), "RGB", seed=1)
+    write_image(tmp_path / "fg_bg.jpg", (320, 240), "RGB", seed=2)
+    argv = ["--checkpoint", str(tmp_path / "model.pt")]
+    pair = ["--bg", str(tmp_path / "bg.jpg"), "--fg-bg", str(tmp_path / "fg_bg.jpg")]
+    assert_refused(tmp_path, capsys, [*argv, *pair], "is 640x480 but")
+
+    # In folder mode the check runs before any pair is written, even with the odd one last.
+    bg_dir, fg_bg_dir = tmp_path / "bgs", tmp_path / "fgbgs"
+    bg_dir.mkdir(), fg_bg_dir.mkdir()
+    for name, fg_bg_size in (("a.jpg", (64, 48)), ("b.jpg", (64, 48)), ("z.jpg", (48, 64))):
+        write_image(bg_dir / name, (64, 48), "L", seed=3)
+        write_image(fg_bg_dir / name, fg_bg_size, "L", seed=4)
+    folders = ["--bg-dir", str(bg_dir), "--fg-bg-dir", str(fg_bg_dir), "--batch-size", "1"]
+    assert_refused(tmp_path, capsys, [*argv, *folders], "z.jpg is 48x64")
+
+
+def test_folders_pair_same_named_files(tmp_path, capsys):
+    model = make_checkpoint(tmp_path / "model.pt", 3)
+    bg_dir, fg_bg_dir = tmp_path / "bgs", tmp_path / "fgbgs"
+    bg_dir.mkdir(), fg_bg_dir.mkdir()
+    write_image(bg_dir / "kitchen.jpg", (64, 48), "RGB", seed=1)
+    write_image(fg_bg_dir / "kitchen.jpg", (64, 48), "RGB", seed=2)
+    write_image(bg_dir / "bg_img_7.jpg", (32, 32), "RGB", seed=3)  # and the dataset's names
+    write_image(fg_bg_dir / "fg_bg_1_7_0_2.jpg", (32, 32), "RGB", seed=4)
+    (fg_bg_dir / "notes.txt").write_text("not an image")  # ignored
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tmp_path / "model.pt"), "--bg-dir", str(bg_dir)]
+    argv += ["--fg-bg-dir", str(fg_bg_dir), "--device", "cpu"]
+    assert predict.main([*argv, "--out", str(out)]) == 0
+    assert "wrote 2 prediction(s)" in capsys.readouterr().out
+    _, kitchen_mask = expected_masks(model, bg_dir / "kitchen.jpg", fg_bg_dir / "kitchen.jpg")
+    with Image.open(out / "kitchen_mask.png") as mask:
+        np.testing.assert_array_equal(np.asarray(mask), kitchen_mask)
+    with Image.open(out / "fg_bg_1_7_0_2_mask.png") as mask:
+        assert mask.size == (32, 32)
+
+    # A fg_bg with neither a same-named bg nor a dataset name is refused, not skipped.
+    write_image(fg_bg_dir / "garden.jpg", (64, 48), "RGB", seed=5)
+    assert_refused(tmp_path, capsys, argv, "no bg named garden.jpg")
+    (fg_bg_dir / "garden.jpg").unlink()
+    # Two fg_bg files that would write the same {stem}_*.png.
+    write_image(bg_dir / "kitchen.png", (64, 48), "RGB", seed=6)
+    write_image(fg_bg_dir / "kitchen.png", (64, 48), "RGB", seed=7)
+    assert_refused(tmp_path, capsys, argv, "would write the same kitchen_*.png")
+
+
+def test_checkpoint_may_be_a_run_directory(tmp_path, capsys):
+    run = tmp_path / "runs" / "ref"
+    (run / "checkpoints").mkdir(parents=True)
+    make_checkpoint(run / "checkpoints" / "best.pt", 1)
+    write_image(tmp_path / "bg.jpg", (48, 48), "L", seed=1)
+    write_image(tmp_path / "fg_bg.jpg", (48, 48), "L", seed=2)
+    pair = ["--bg", str(tmp_path / "bg.jpg"), "--fg-bg", str(tmp_path / "fg_bg.jpg")]
+    for checkpoint in (run, run / "checkpoints"):
+        out = tmp_path / f"out-{checkpoint.name}"
+        argv = ["--checkpoint", str(checkpoint), *pair, "--out", str(out), "--device", "cpu"]
+        assert predict.main(argv) == 0, capsys.readouterr().err
+        assert (out / "fg_bg_mask.png").is_file()
+    capsys.readouterr()
+    (run / "checkpoints" / "best.pt").unlink()
+    argv = ["--checkpoint", str(run), *pair]
+    assert_refused(tmp_path, capsys, argv, f"{run} is a directory without checkpoints/best.pt")
+
+
+def test_file_that_is_no_checkpoint_gets_our_own_line(tmp_path):
+    """Not torch's advice to load with weights_only=False: that would run the file's code."""
+    write_image(tmp_path / "bg.jpg", (48, 48), "L", seed=1)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    pair = ["--bg", str(tmp_path / "bg.jpg"), "--fg-bg", str(tmp_path / "bg.jpg")]
+    before = snapshot(tmp_path)
+    for name in ("notes.txt", "bg.jpg"):
+        result = run_cli(
+            "predict.py", "--checkpoint", str(tmp_path / name), *pair, "--out", str(tmp_path / "o")
+        )
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "not a plain-tensor checkpoint" in lines[0] and "weights_only" not in lines[0]
+        assert snapshot(tmp_path) == before
+
+
+def test_omp_wait_policy_is_passive_before_torch_is_imported(tmp_path):
+    """Run directly (not by make), predict.py still keeps OpenMP from busy-waiting."""
+    # Records OMP_WAIT_POLICY at the moment anything first imports torch.
+    probe = (
+        "import os, sys\n"
+        "seen = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and not seen:\n"
+        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        "import predict\n"
+        "print(seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(ROOT)
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):  # ACTIVE: the user's choice
+        extra = {"OMP_WAIT_POLICY": given} if given else {}
+        result = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=ROOT,
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"[{expected!r}]"

@@ -1,0 +1,187 @@
+"""The command lines of the benchmarks and pipeline.preview: names, help, warm-up, refusals.
+
+Benchmarks run here on tiny data only, to keep them from rotting, never to assert a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from benchmarks import dali_startup, loaders, model_step, train_throughput
+from pipeline import preview
+from pipeline.loader import dali_available
+from tests.conftest import ROOT
+from training.distributed import Runtime
+
+CLIS = (
+    "pipeline.preview",
+    "benchmarks.model_step",
+    "benchmarks.train_throughput",
+    "benchmarks.loaders",
+    "benchmarks.dali_startup",
+)
+TORCH_BENCHMARKS = [name for name in CLIS if name.startswith("benchmarks.")]
+
+
+class _Parsed(Exception):
+    """Raised instead of parsing, once the parser is built."""
+
+
+def snapshot(root) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("module", CLIS)
+def test_cli_is_named_as_run_and_every_option_has_help(module, monkeypatch):
+    parsers = []
+
+    def capture(self, args=None, namespace=None):
+        parsers.append(self)
+        raise _Parsed
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    with pytest.raises(_Parsed):
+        importlib.import_module(module).parse_args([])
+    (parser,) = parsers
+    assert parser.prog == f"python -m {module}"
+    options = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    undocumented = [a.option_strings[0] for a in options if not a.help]
+    assert undocumented == [], undocumented
+
+
+def test_load_average_is_recorded_to_two_decimals(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.1708984375, 0.8349609375, 0.5))
+    assert loaders.load_average() == [1.17, 0.83, 0.5]
+    assert loaders.machine_info()["load_average_at_end"] == [1.17, 0.83, 0.5]
+    assert loaders.machine_info()["load_average_1m_at_end"] == 1.17
+    assert model_step.machine_info(torch.device("cpu"))["load_avg_1m"] == 1.17
+
+
+@pytest.mark.skipif(not dali_available(), reason="needs nvidia.dali")
+def test_dali_startup_records_the_rounded_load_average(tiny_shards, monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.0048828125, 1.0, 0.25))
+    argv = ["--data", str(tiny_shards), "--epochs", "2", "--batch-size", "16"]
+    args = dali_startup.parse_args(argv)
+    machine = dali_startup.run(args)["machine"]
+    assert machine["load_average_at_start"] == machine["load_average_at_end"] == [2.0, 1.0, 0.25]
+
+
+def test_model_step_compiles_only_when_asked(capsys):
+    assert model_step.parse_args([]).compile is False
+    assert model_step.parse_args(["--compile"]).compile is True
+    argv = ["--batch-size", "1", "--steps", "1", "--warmup", "0", "--no-compile"]
+    assert model_step.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    # A line before each configuration, so a long one (compiling) is not silence.
+    for layout in model_step.LAYOUTS:
+        started = out.index(f"timing {layout} fp32 compile=False ...")
+        assert out[started + 1] == f"measured {layout} fp32 compile=False"
+
+
+def test_train_throughput_times_only_after_the_warmup():
+    """Slow first batches (a pipeline starting) must not count in the rate or the data wait."""
+    served = []
+
+    def batches():
+        while True:
+            served.append(time.perf_counter())
+            if len(served) <= 3:
+                time.sleep(0.4)
+            yield {
+                "bg": torch.rand(2, 1, 160, 160),
+                "fg_bg": torch.rand(2, 1, 160, 160),
+                "mask": (torch.rand(2, 1, 160, 160) > 0.5).float(),
+                "depth": torch.rand(2, 1, 80, 80),
+            }
+
+    rt = Runtime(device=torch.device("cpu"))
+    result = train_throughput.time_steps(batches(), 2, rt, 1, (4, 8, 16), warmup=3)
+    assert len(served) == 5
+    assert result["timed_batches"] == 2 and result["warmup_batches"] == 3
+    assert result["data_wait_share"] < 0.2, result  # the 0.4 s waits were all in the warm-up
+
+
+def test_train_throughput_says_when_too_few_batches_are_timed(tiny_shards, tmp_path, capsys):
+    out = tmp_path / "throughput.json"
+    argv = ["--data", str(tiny_shards), "--json", str(out), "--batches", "1", "--warmup", "1"]
+    argv += ["--batch-size", "4", "--widths", "4,8,16", "--device", "cpu"]
+    assert train_throughput.main(argv) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "--batches 10 or more" in notes[0]
+    results = json.loads(out.read_text())["results"]
+    assert {"torch", "synthetic"} <= results.keys()
+    assert all(r["timed_batches"] == 1 and r["warmup_batches"] == 1 for r in results.values())
+
+
+@pytest.mark.parametrize(
+    "module", [preview, loaders, dali_startup, train_throughput], ids=lambda m: m.__name__
+)
+def test_output_in_a_missing_directory_is_one_line_before_any_work(
+    module, tiny_shards, tmp_path, capsys
+):
+    if module is dali_startup and not dali_available():
+        pytest.skip("needs nvidia.dali")
+    (tmp_path / "keep.txt").write_text("the user's file")
+    before = snapshot(tmp_path)
+    flag = "--out" if module is preview else "--json"
+    target = tmp_path / "missing" / ("grid.png" if module is preview else "report.json")
+    assert module.main(["--data", str(tiny_shards), flag, str(target)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and f"{target} does not exist; create it first" in lines[0], lines
+    assert captured.out == ""  # refused before loading anything
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("split", "augment"), [("test", False), ("train", True)])
+def test_preview_prints_the_config_the_loader_uses(tiny_shards, tmp_path, capsys, split, augment):
+    out = tmp_path / "grid.png"
+    argv = ["--data", str(tiny_shards), "--out", str(out), "--split", split, "--n", "2"]
+    assert preview.main([*argv, "--loader", "torch", "--augment-targets"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    used = json.loads(printed[0])
+    assert used["augment"] is augment and used["augment_targets"] is augment
+    assert used["backend"] == "torch" and used["augment_in"] == "torch"
+    assert f"augment={augment}" in printed[-1]
+    assert out.is_file()
+
+
+@pytest.mark.parametrize("module", TORCH_BENCHMARKS)
+def test_omp_wait_policy_is_passive_before_torch_is_imported(module):
+    """Run directly (not by make), a benchmark still keeps OpenMP from busy-waiting."""
+    # Records OMP_WAIT_POLICY at the moment anything first imports torch.
+    probe = (
+        "import os, sys\n"
+        "seen = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and not seen:\n"
+        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        f"import {module}\n"
+        "print(seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['PASSIVE']"
