@@ -17,6 +17,11 @@ Goals: test IoU >= 0.90 and depth SSIM >= 0.93 within 750K parameters, far above
 
 from __future__ import annotations
 
+import os
+
+# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import subprocess
@@ -63,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed")
     p.add_argument("--backgrounds", type=int, default=100, help="backgrounds per foreground")
     p.add_argument("--foregrounds", type=int, default=9, help="3 per batch; batch 3 is test")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=4, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     args = p.parse_args(argv)
     args.train_args = train_args
     return args

@@ -28,6 +28,7 @@ CLIS = (
     "benchmarks.train_throughput",
     "benchmarks.loaders",
     "benchmarks.dali_startup",
+    "benchmarks.quality",
 )
 TORCH_BENCHMARKS = [name for name in CLIS if name.startswith("benchmarks.")]
 
