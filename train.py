@@ -118,8 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     loaders = ("auto", "dali", "torch")
     g.add_argument("--loader", choices=loaders, default=d.loader, help="auto: DALI if it imports")
     g.add_argument("--num-threads", type=positive_int, help="loader threads (default: CPUs/rank)")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per rank")
-    g.add_argument("--max-batches", type=positive_int, help="cap batches per epoch (train, test)")
+    g.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size, help="samples per step, per rank"
+    )
+    g.add_argument(
+        "--max-batches",
+        type=positive_int,
+        help="cap batches per epoch and per test pass (smoke runs)",
+    )
     g.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
@@ -133,11 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where augmentation runs; auto: the DALI graph on a GPU, fused torch ops on a CPU",
     )
     g = p.add_argument_group("Model")
-    g.add_argument("--widths", type=widths_type, default=d.widths, help="e.g. 16,32,64,128,256")
+    g.add_argument("--widths", type=widths_type, default=d.widths, help="UNet channels per level")
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--diff-input", action=on_off, help="also feed fg_bg - bg, |fg_bg - bg|")
     g.add_argument("--channels-last", action=on_off, default=True, help="NHWC (faster on CPU/GPU)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16, CUDA")
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast on CUDA (off on the CPU)",
+    )
     add_recipe_args(p)
     g = p.add_argument_group("Length and seed")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs")
@@ -151,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-only", action="store_true", help="only evaluate --weights")
     g.add_argument("--stop-after-epoch", type=positive_int, help=argparse.SUPPRESS)
     g = p.add_argument_group("Logging")
-    g.add_argument("--log-interval", type=positive_int, default=d.log_interval, help="steps")
+    g.add_argument(
+        "--log-interval", type=positive_int, default=d.log_interval, help="steps per log line"
+    )
     g.add_argument("--histograms", action="store_true", help="weight histograms to TensorBoard")
     g.add_argument(
         "--profile",
@@ -159,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.profile,
         help="cprofile.prof, or a torch.profiler trace for TensorBoard",
     )
-    g.add_argument("--figure-samples", type=positive_int, default=d.figure_samples, help="rows")
+    g.add_argument(
+        "--figure-samples", type=positive_int, default=d.figure_samples, help="rows of results.png"
+    )
     return p
 
 

@@ -221,9 +221,11 @@ def write_timings(path: Path, history: list[dict[str, Any]]) -> None:
 
 def timing_table(history: list[dict[str, Any]]) -> str:
     """The timings as a fixed-width table."""
-    names = ("epoch", "train_s", "data_s", "eval_s", "misc_s", "samples", "samples/s")
-    lines = [" ".join(f"{name:>9}" for name in names)]
+    seconds = ("train_s", "data_s", "eval_s", "misc_s")
+    lines = [
+        f"{'epoch':>5} {' '.join(f'{k:>9}' for k in seconds)} {'samples':>8} {'samples/s':>10}"
+    ]
     for r in timing_rows(history):
-        seconds = " ".join(f"{r[k]:>9.2f}" for k in ("train_s", "data_s", "eval_s", "misc_s"))
-        lines.append(f"{r['epoch']:>9} {seconds} {r['samples']:>9} {r['samples_per_s']:>9.1f}")
+        times = " ".join(f"{r[k]:>9.2f}" for k in seconds)
+        lines.append(f"{r['epoch']:>5} {times} {r['samples']:>8} {r['samples_per_s']:>10.1f}")
     return "\n".join(lines)
