@@ -8,6 +8,11 @@ What RUNDIR holds is listed at the end of ``--help``.
 
 from __future__ import annotations
 
+import os
+
+# Before torch loads OpenMP: its busy-waiting threads made steps 10x slower on 2 shared cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import cProfile
 import json
@@ -18,11 +23,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from tqdm import tqdm
 
-from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, MaskDepthMetrics, UNet, UNetConfig
+from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from sharding import storage
@@ -31,11 +34,12 @@ from training import distributed, figures, monitor
 from training.checkpoint import TrainState
 from training.distributed import DEVICES, Runtime, setup_runtime, teardown
 from training.errors import TrainError, diverged
-from training.logger import LossTotals, MetricLogger
+from training.evaluate import evaluate
+from training.logger import LossTotals, MetricLogger, RateWindow
 from training.options import HelpFormatter, positive_int, widths_type
 from training.recipe import RECIPES, add_recipe_args, build_optimizer, resolve
-from training.rundir import RUN_DIR_HELP, EpochClock, RunDir
-from training.step import LOSS_PARTS, StepTimer, forward_loss, train_step
+from training.rundir import RUN_DIR_HELP, EpochClock, RunDir, resolved_config, training_rates
+from training.step import LOSS_PARTS, StepTimer, train_step
 
 # Options a resumed run must keep, or it would silently mix two runs' model, data or optimisation.
 # fmt: off
@@ -114,8 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     loaders = ("auto", "dali", "torch")
     g.add_argument("--loader", choices=loaders, default=d.loader, help="auto: DALI if it imports")
     g.add_argument("--num-threads", type=positive_int, help="loader threads (default: CPUs/rank)")
-    g.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="per rank")
-    g.add_argument("--max-batches", type=positive_int, help="cap batches per epoch (train, test)")
+    g.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size, help="samples per step, per rank"
+    )
+    g.add_argument(
+        "--max-batches",
+        type=positive_int,
+        help="cap batches per epoch and per test pass (smoke runs)",
+    )
     g.add_argument(
         "--augment",
         action=argparse.BooleanOptionalAction,
@@ -129,11 +139,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="where augmentation runs; auto: the DALI graph on a GPU, fused torch ops on a CPU",
     )
     g = p.add_argument_group("Model")
-    g.add_argument("--widths", type=widths_type, default=d.widths, help="e.g. 16,32,64,128,256")
+    g.add_argument("--widths", type=widths_type, default=d.widths, help="UNet channels per level")
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--diff-input", action=on_off, help="also feed fg_bg - bg, |fg_bg - bg|")
     g.add_argument("--channels-last", action=on_off, default=True, help="NHWC (faster on CPU/GPU)")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16, CUDA")
+    g.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="bf16 autocast on CUDA (off on the CPU)",
+    )
     add_recipe_args(p)
     g = p.add_argument_group("Length and seed")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs")
@@ -147,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--test-only", action="store_true", help="only evaluate --weights")
     g.add_argument("--stop-after-epoch", type=positive_int, help=argparse.SUPPRESS)
     g = p.add_argument_group("Logging")
-    g.add_argument("--log-interval", type=positive_int, default=d.log_interval, help="steps")
+    g.add_argument(
+        "--log-interval", type=positive_int, default=d.log_interval, help="steps per log line"
+    )
     g.add_argument("--histograms", action="store_true", help="weight histograms to TensorBoard")
     g.add_argument(
         "--profile",
@@ -155,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.profile,
         help="cprofile.prof, or a torch.profiler trace for TensorBoard",
     )
-    g.add_argument("--figure-samples", type=positive_int, default=d.figure_samples, help="rows")
+    g.add_argument(
+        "--figure-samples", type=positive_int, default=d.figure_samples, help="rows of results.png"
+    )
     return p
 
 
@@ -264,6 +283,7 @@ def train_one_epoch(
     """One pass over this rank's training batches; the mean loss parts and this rank's timer."""
     model, optimizer = state.train_model.train(), state.optimizer
     totals, timer = LossTotals(rt.device), StepTimer(rt)
+    window = RateWindow(timer, rt.world_size)  # samples/s as timings.csv counts them
     iterator, total = iter(loader.epoch(epoch)), min(len(loader), cfg.max_batches or len(loader))
     samples = min(total * cfg.batch_size, loader.num_samples)
     bar = logger.progress(samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="sample")
@@ -287,41 +307,10 @@ def train_one_epoch(
                     where = f"loss is {values['loss']} at epoch {epoch + 1} step {step + 1}"
                     raise diverged(where, RunDir(Path(cfg.out)).last)
                 lr = optimizer.param_groups[0]["lr"]
-                logger.step(epoch, step, total, values, lr, timer.window(), bar)
+                logger.step(epoch, step, total, values, lr, window.read(), bar)
     means, samples = totals.means(rt)
-    busy = max(timer.data_s + timer.train_s, 1e-9)
-    rates = {"samples_per_s": samples / busy, "data_wait_share": timer.data_s / busy}
+    rates = training_rates(samples, timer.train_s, timer.data_s)
     return {**means, "lr": optimizer.param_groups[0]["lr"], "samples": samples, **rates}, timer
-
-
-@torch.no_grad()
-def evaluate(
-    state: TrainState, loader: Any, max_batches: int | None, rt: Runtime, preview: int = 0
-) -> tuple[dict[str, float], dict[str, Any] | None]:
-    """Loss parts and metrics over this rank's test batches, all-reduced over ranks, and the
-    first ``preview`` samples (inputs, targets, predictions, IoU) on the CPU."""
-    model = state.model.eval()
-    metrics, totals = MaskDepthMetrics(threshold=0.5, device=rt.device), LossTotals(rt.device)
-    # The test split is read the same each time: always its epoch 0.
-    iterator, total = iter(loader.epoch(0)), min(len(loader), max_batches or len(loader))
-    shown = None
-    bar = tqdm(range(total), desc="test", unit="batch", leave=False, disable=not rt.is_main)
-    with bar:  # closed on errors too, so a message is not glued to a half-drawn bar
-        for _ in bar:
-            batch = next(iterator, None)
-            if batch is None:
-                break
-            out = forward_loss(model, state.loss_fn, batch, rt)
-            metrics.update(out.mask_logits, out.depth_pred, out.mask, out.depth, batch.get("key"))
-            totals.add(out.losses, out.samples)
-            if shown is None and preview:
-                shown = figures.preview_samples(batch, out, preview)
-    result, samples = totals.means(rt)
-    computed = metrics.compute()
-    result.update({k: v for k, v in computed.items() if k != "samples"}, samples=samples)
-    if shown is not None:  # the first samples of this rank are the first rows of per_sample
-        shown["iou"] = [row["iou"] for row in metrics.per_sample[: len(shown["bg"])]]
-    return result, shown
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
@@ -331,15 +320,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     run = RunDir(Path(cfg.out))
     with ExitStack() as cleanup:  # on errors too: profiler off, tb/ closed, process group left
         cleanup.callback(teardown, rt)
-        if rt.is_main:
-            print(json.dumps(asdict(cfg), indent=2))
         # The data is checked first, so a mistyped --data leaves no run directory behind.
         train_loader, test_loader, loader_cfg = build_loaders(cfg, rt)
-        run.prepare(asdict(cfg), cfg.resume, cfg.overwrite, rt)
+        config = resolved_config(asdict(cfg), rt, train_loader)  # what "auto" became here
+        if rt.is_main:
+            print(json.dumps(config, indent=2))
+        run.prepare(config, cfg.resume, cfg.overwrite, rt)
         # Every rank sizes its schedule alike, so all ranks step with the same lr.
         steps = distributed.max_over_ranks(min(len(train_loader), cfg.max_batches or 10**9), rt)
         state = build_state(cfg, rt, run, train_loader.channels, loader_cfg, steps)
-        logger = cleanup.enter_context(MetricLogger(run.path / "tb" if rt.is_main else None))
+        tb_dir = run.path / "tb" if rt.is_main else None
+        logger = cleanup.enter_context(MetricLogger(tb_dir, steps, state.epochs_done))
         profiling = cfg.profile == "cprofile" and rt.is_main
         profiler = cleanup.enter_context(cProfile.Profile()) if profiling else None
         epochs = range(0) if cfg.test_only else range(state.epochs_done, cfg.epochs)
@@ -353,7 +344,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             for epoch in epochs:
                 train, timer = train_one_epoch(state, train_loader, epoch, cfg, rt, logger, gpu)
                 distributed.sync_buffers(state.model, rt)
-                test, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
+                with clock.evaluating():  # eval_s in timings.csv
+                    test, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
                 if not (math.isfinite(train["loss"]) and math.isfinite(test["loss"])):
                     losses = f"train {train['loss']}, test {test['loss']}"
                     where = f"loss is not finite after epoch {epoch + 1} ({losses})"
@@ -368,8 +360,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
                     stopped = epoch + 1
                     break
-        if stopped is None:  # the final evaluation reads the whole test split
-            final, shown = evaluate(state, test_loader, None, rt, preview)
+        if stopped is None:  # the final evaluation, capped by --max-batches like every other
+            final, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
             if rt.is_main:
                 run.write_results(final, state, shown)
                 logger.summary(final, state.history, run.path)

@@ -6,14 +6,17 @@ so each training subprocess takes seconds on 2 CPU cores.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -26,6 +29,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
+from pipeline.config import LoaderConfig, resolve_threads
+from pipeline.loader import dali_available
 from tests.conftest import ROOT, run_cli
 from training import monitor
 from training.checkpoint import (
@@ -76,12 +81,19 @@ def history_values(metrics: dict) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_shards, tmp_path_factory) -> Path:
-    """An uninterrupted 2-epoch run with histograms and the torch profiler."""
+def full_run_result(tiny_shards, tmp_path_factory) -> tuple[Path, SimpleNamespace]:
+    """An uninterrupted 2-epoch run with histograms and the torch profiler, and its output."""
     out = tmp_path_factory.mktemp("runs") / "full"
     args = ["--data", str(tiny_shards), "--epochs", "2", "--out", str(out), "--histograms"]
-    ok(train_cli(*args, "--log-interval", "1", "--profile", "torch"))
-    return out
+    result = train_cli(*args, "--log-interval", "1", "--profile", "torch")
+    ok(result)
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def full_run(full_run_result) -> Path:
+    """The run directory of :func:`full_run_result`."""
+    return full_run_result[0]
 
 
 def test_run_writes_every_documented_file(full_run):
@@ -98,12 +110,13 @@ def test_run_writes_every_documented_file(full_run):
     with open(full_run / "timings.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
-    assert set(rows[0]) == {"epoch", "train_s", "data_s", "misc_s", "samples", "samples_per_s"}
+    columns = ("epoch", "train_s", "data_s", "eval_s", "misc_s", "samples", "samples_per_s")
+    assert tuple(rows[0]) == columns
     assert all(float(r["train_s"]) > 0 and int(r["samples"]) == 8 for r in rows)
+    assert all(float(r["eval_s"]) > 0 for r in rows)
 
     metrics = json.loads((full_run / "metrics.json").read_text())
     assert metrics["test"].keys() >= TEST_KEYS
-    assert metrics["test"]["samples"] == 32  # the final evaluation reads the whole test split
     assert 0 <= metrics["test"]["iou"] <= 1 and metrics["test"]["depth_rmse"] > 0
     assert [r["epoch"] for r in metrics["history"]] == [1, 2]
     assert metrics["history"][0]["test"].keys() >= TEST_KEYS
@@ -146,7 +159,9 @@ def test_tensorboard_has_scalars_images_histograms_graph(full_run):
     ):
         for name in names:
             assert f"{split}/{name}" in tags["scalars"], f"{split}/{name} missing"
-            assert [e.step for e in acc.Scalars(f"{split}/{name}")] == [1, 2]
+            # per-epoch values at each epoch's last optimizer step (2 steps per epoch)
+            assert [e.step for e in acc.Scalars(f"{split}/{name}")] == [2, 4]
+    assert [e.step for e in acc.Scalars("train_step/loss")] == [1, 2, 3, 4]
     assert "train_step/loss" in tags["scalars"]
     assert "test/samples" in tags["images"]
     assert any(tag.startswith("weights/") for tag in tags["histograms"])
@@ -171,6 +186,150 @@ def test_resume_after_stop_matches_uninterrupted_run(full_run, tiny_shards, tmp_
     np.testing.assert_allclose(again["test"]["iou"], full["test"]["iou"], atol=1e-6)
 
 
+def test_max_batches_caps_every_test_pass(full_run, tiny_shards, tmp_path):
+    """--max-batches caps the final test pass and --test-only too, not only training."""
+    metrics = json.loads((full_run / "metrics.json").read_text())
+    # TINY_RUN: --max-batches 2 of 4 samples, of the 32 in the test split
+    assert metrics["test"]["samples"] == 8
+    assert [r["test"]["samples"] for r in metrics["history"]] == [8, 8]
+    weights = str(full_run / "checkpoints" / "last.pt")
+    args = ["--data", str(tiny_shards), "--test-only", "--weights", weights, *TINY_RUN]
+    final = train.main([*args, "--out", str(tmp_path / "three"), "--max-batches", "3"])
+    assert final["samples"] == 12
+
+
+def logged_rates(text: str, pattern: str) -> list[float]:
+    """The samples/s figures matching ``pattern`` in order, repeats of one redraw dropped."""
+    rates = [float(x) for x in re.findall(pattern, text)]
+    return [r for i, r in enumerate(rates) if i == 0 or r != rates[i - 1]]
+
+
+def test_samples_per_s_agree_in_timings_log_bar_and_tensorboard(full_run_result):
+    """One training samples/s, evaluation timed apart: timings.csv, metrics.json, the step
+    log, the progress bar and TensorBoard show the same figure."""
+    out, result = full_run_result
+    with open(out / "timings.csv") as f:
+        rows = list(csv.DictReader(f))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    step_log = [
+        line for line in result.stdout.splitlines() if re.match(r"epoch \d+ step \d+/2 ", line)
+    ]
+    assert len(step_log) == 4  # --log-interval 1, 2 steps per epoch
+    log_rates = [float(re.search(r"samples/s (\S+)", line)[1]) for line in step_log]
+    acc = EventAccumulator(str(out / "tb")).Reload()
+    board = {e.step: e.value for e in acc.Scalars("train/samples_per_s")}
+    for epoch, row in enumerate(rows):
+        rate = float(row["samples_per_s"])
+        train_s, data_s = float(row["train_s"]), float(row["data_s"])
+        assert rate == pytest.approx(int(row["samples"]) / (train_s + data_s), rel=1e-6)
+        assert history[epoch]["train"]["samples_per_s"] == pytest.approx(rate, rel=1e-9)
+        assert board[2 * (epoch + 1)] == pytest.approx(rate, rel=1e-5)
+        # each log line covers 4 of the epoch's 8 samples: their times add up to the epoch's,
+        # within the rounding of the printed figures (to 0.1 samples/s)
+        pair = log_rates[2 * epoch : 2 * epoch + 2]
+        slowest, fastest = (8 / sum(4 / max(r + d, 1e-9) for r in pair) for d in (-0.05, 0.05))
+        assert slowest * (1 - 1e-6) <= rate <= fastest * (1 + 1e-6)
+    # the bar shows the step log's figure, not a clock of its own
+    assert logged_rates(result.stderr, r"samples/s=(\d+\.\d)") == logged_rates(
+        " ".join(f"{r:.1f}" for r in log_rates), r"(\d+\.\d)"
+    )
+
+
+def test_config_json_holds_what_the_run_used(full_run):
+    """config.json says what ``auto`` and the defaults became on this (CPU) machine."""
+    config = json.loads((full_run / "config.json").read_text())
+    used = {
+        "device": "cpu",
+        "loader": "dali" if dali_available() else "torch",
+        "augment_in": "torch",  # auto: fused torch ops on a CPU
+        "num_threads": resolve_threads(LoaderConfig()),
+        "amp": False,  # bf16 autocast is CUDA-only
+    }
+    assert {k: config[k] for k in used} == used
+    assert config["requested"] == {
+        "device": "auto",
+        "loader": "auto",
+        "augment_in": "auto",
+        "num_threads": None,
+        "amp": True,
+    }
+    assert config["world_size"] == 1 and config["torch_threads"] >= 1
+    assert config["omp_wait_policy"] == os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert not list(full_run.rglob(".tmp-*"))  # written atomically: no temporary files left
+
+
+def test_resumed_run_logs_each_tensorboard_step_once(tiny_shards, tmp_path, monkeypatch):
+    """A run interrupted in epoch 2 logged step 3 past its epoch-1 checkpoint; the resumed
+    run logs steps 3 and 4 again and TensorBoard keeps only the resumed run's values."""
+    real_step, steps = train.train_step, []
+
+    def interrupted_step(*args):
+        steps.append(None)
+        if len(steps) == 4:  # epoch 2, step 2: after step 3 was logged
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    out = tmp_path / "run"
+    args = ["--data", str(tiny_shards), "--epochs", "2", "--out", str(out), *TINY_RUN]
+    args += ["--log-interval", "1"]
+    monkeypatch.setattr(train, "train_step", interrupted_step)
+    assert train.cli(args) == 130
+    aborted = EventAccumulator(str(out / "tb")).Reload()
+    assert [e.step for e in aborted.Scalars("train_step/loss")] == [1, 2, 3]
+    monkeypatch.setattr(train, "train_step", real_step)
+    assert train.cli([*args, "--resume"]) == 0
+    acc = EventAccumulator(str(out / "tb")).Reload()
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 2
+    for tag in acc.Tags()["scalars"]:
+        logged = [e.step for e in acc.Scalars(tag)]
+        assert len(logged) == len(set(logged)), f"{tag}: steps {logged}"
+    assert [e.step for e in acc.Scalars("train_step/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4]
+    # the step-3 value is the resumed run's: the same as its epoch's log (not the aborted one)
+    final = json.loads((out / "metrics.json").read_text())
+    assert acc.Scalars("train/loss")[-1].value == pytest.approx(
+        final["history"][1]["train"]["loss"], rel=1e-5
+    )
+
+
+def test_omp_wait_policy_is_passive_when_unset():
+    """train.py sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP, unless the user set it.
+
+    libgomp reports its effective spin count at start-up: 0 when passive.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(OMP_DISPLAY_ENV="VERBOSE", PYTHONPATH=str(ROOT))
+
+    def spin_count(*args: str, **extra: str) -> str | None:
+        result = subprocess.run(
+            [sys.executable, *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**env, **extra},
+        )
+        assert result.returncode == 0, result.stderr
+        found = re.search(r"GOMP_SPINCOUNT = '(\d+)'", result.stderr)
+        return found and found[1]
+
+    chosen = spin_count("train.py", "--help", OMP_WAIT_POLICY="ACTIVE")
+    if chosen is None:
+        pytest.skip("torch's OpenMP runtime is not libgomp: it does not report its spin count")
+    assert chosen != "0"  # the user's own setting is kept: busy-waiting threads spin
+    assert spin_count("train.py", "--help") == "0"
+
+
+def test_every_option_has_help():
+    """Every train.py option says what it does in --help (hidden test options aside)."""
+    missing = [
+        action.option_strings
+        for action in train.build_parser()._actions
+        if action.help != argparse.SUPPRESS and not (action.help or "").strip()
+    ]
+    assert not missing
+
+
 def torchrun_train(*args: str, timeout: float = 300):
     """``train.py`` on the tiny settings under real torchrun: 2 processes, gloo, this machine."""
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -179,20 +338,24 @@ def torchrun_train(*args: str, timeout: float = 300):
 
 def test_torchrun_two_processes_matches_single_process(tiny_shards, tmp_path):
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
-    result = torchrun_train("--data", str(tiny_shards), "--epochs", "1", "--out", str(ddp_out))
-    ok(result)
+    # --max-batches caps the test passes too: 4 batches of 4 per rank read all 32 test
+    # samples, as 8 batches do in one process.
+    args = ("--data", str(tiny_shards), "--epochs", "1", "--max-batches", "4")
+    ok(torchrun_train(*args, "--out", str(ddp_out)))
     ddp = json.loads((ddp_out / "metrics.json").read_text())
-    # each rank trains on its own 2 batches of 4; the loss is averaged over both ranks
-    assert ddp["history"][0]["train"]["samples"] == 16
+    # each rank trains on its own 4 batches of 4; the loss is averaged over both ranks
+    assert ddp["history"][0]["train"]["samples"] == 32
+    weights = str(ddp_out / "checkpoints" / "last.pt")
     ok(
         train_cli(
-            "--data",
-            str(tiny_shards),
+            *args,
+            "--max-batches",
+            "8",
             "--test-only",
             "--out",
             str(single_out),
             "--weights",
-            str(ddp_out / "checkpoints" / "last.pt"),
+            weights,
         )
     )
     single = json.loads((single_out / "metrics.json").read_text())
@@ -225,6 +388,8 @@ def test_brace_urls_evaluate_like_the_data_dir(full_run, tiny_shards, tmp_path):
     expected = json.loads((full_run / "metrics.json").read_text())["test"]
     for key in TEST_KEYS:
         assert final[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    # --test-only logs nothing to TensorBoard, so it leaves no event file behind
+    assert not list((tmp_path / "urls").rglob("events.out.tfevents.*"))
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path, monkeypatch, capsys):

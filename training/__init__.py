@@ -6,10 +6,12 @@
 - ``step``: the training step, written once: batch to device, forward under autocast, loss
   (:func:`forward_loss`), backward and update (:func:`train_step`), and its timing
   (:class:`StepTimer`). ``benchmarks.train_throughput`` runs the same step.
+- ``evaluate``: the test pass (loss parts, metrics, preview samples), all ranks together.
 - ``checkpoint``: :class:`TrainState` (``state_dict`` / ``load_state_dict``), atomic checkpoint
   writes, ``weights_only`` reads, RNG state.
 - ``rundir``: the run directory (RUN_FILES, --resume/--overwrite rules, config.json,
-  metrics.json, results.png, timings.csv) and the per-epoch clock.
+  metrics.json, results.png, timings.csv), the per-epoch clock and the one training
+  samples/s.
 - ``logger``: step and epoch log lines, TensorBoard scalars, loss sums across ranks.
 - ``monitor``: :func:`gpu_monitor` (per-layer CUDA memory, NVML sampling, torch profiler) and
   cProfile output.

@@ -4,6 +4,10 @@
 :class:`MetricLogger` prints rank 0's log lines and writes its TensorBoard scalars, images
 and histograms. It is ``train.py``'s console, so it writes with ``tqdm.write`` (a line
 that does not break the progress bar); on other ranks every method does nothing.
+
+Every TensorBoard value is logged against the optimizer step (per-epoch values at the
+epoch's last step), which continues across ``--resume``; a resumed run drops what a killed
+run logged after its checkpoint, so each step appears once.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from tqdm import tqdm
 
 from training import figures
 from training.distributed import Runtime, all_reduce_sum
-from training.rundir import timing_table
-from training.step import LOSS_PARTS
+from training.rundir import timing_table, training_rates
+from training.step import LOSS_PARTS, StepTimer
 
 # Per-epoch values that are bookkeeping rather than curves.
 NOT_SCALARS = ("samples", "data_s", "train_s")
@@ -44,16 +48,52 @@ class LossTotals:
         return {k: s / max(samples, 1) for k, s in zip(LOSS_PARTS, sums)}, samples
 
 
-class MetricLogger:
-    """Rank 0's log lines and TensorBoard events in ``tb_dir``; silent where ``tb_dir`` is None."""
+class RateWindow:
+    """Training samples/s and data-wait share since the last read, for a log line.
 
-    def __init__(self, tb_dir: Path | None) -> None:
+    On the same clock as timings.csv (:func:`training.rundir.training_rates`: steps plus data
+    wait), so over an epoch the log lines add up to its row; for all ranks, as this rank's
+    rate times ``world_size`` (DDP steps in lockstep).
+    """
+
+    def __init__(self, timer: StepTimer, world_size: int = 1) -> None:
+        self.timer, self.world_size = timer, world_size
+        self._seen = (0, 0.0, 0.0)  # samples, train_s, data_s at the last read
+
+    def read(self) -> tuple[float, float]:
+        """``(samples/s, data-wait share)`` since the previous call."""
+        now = (self.timer.samples, self.timer.train_s, self.timer.data_s)
+        samples, train_s, data_s = (a - b for a, b in zip(now, self._seen))
+        self._seen = now
+        rates = training_rates(samples * self.world_size, train_s, data_s)
+        return rates["samples_per_s"], rates["data_wait_share"]
+
+
+class MetricLogger:
+    """Rank 0's log lines and TensorBoard events in ``tb_dir``; silent where ``tb_dir`` is None.
+
+    ``steps_per_epoch`` places every value on the optimizer-step axis; ``start_epoch`` (the
+    epochs a resumed run restored) drops events a killed run logged after them. The event
+    file is made on the first write, so a run that logs nothing (``--test-only``, a failed
+    start) leaves none.
+    """
+
+    def __init__(self, tb_dir: Path | None, steps_per_epoch: int = 1, start_epoch: int = 0) -> None:
         self.enabled = tb_dir is not None
-        self.writer = None
-        if tb_dir is not None:
+        self.tb_dir, self.steps_per_epoch = tb_dir, steps_per_epoch
+        self.first_step = start_epoch * steps_per_epoch  # steps the checkpoint already holds
+        self._writer = None
+
+    @property
+    def writer(self) -> Any:
+        """The SummaryWriter, made on first use."""
+        if self._writer is None and self.tb_dir is not None:
             from torch.utils.tensorboard import SummaryWriter  # defer: a slow import
 
-            self.writer = SummaryWriter(str(tb_dir))
+            # TensorBoard drops every event at or after purge_step from the files before
+            # this one: what a killed run logged after the checkpoint this run resumed from.
+            self._writer = SummaryWriter(str(self.tb_dir), purge_step=self.first_step + 1)
+        return self._writer
 
     def progress(self, total: int, desc: str, unit: str) -> tqdm:
         """A progress bar on rank 0 (disabled elsewhere) that leaves no line behind."""
@@ -64,6 +104,9 @@ class MetricLogger:
             disable=not self.enabled,
             leave=False,
             dynamic_ncols=True,
+            # tqdm's own rate (wall clock, smoothed) is left out: the postfix shows the step
+            # log's samples/s, so the two never disagree.
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
         )
 
     def step(
@@ -76,17 +119,20 @@ class MetricLogger:
         window: tuple[float, float],
         bar: tqdm,
     ) -> None:
-        """One log line and the ``train_step/*`` scalars; ``window`` is (samples/s, data wait)."""
+        """One log line, the bar's postfix and the ``train_step/*`` scalars; ``window`` is
+        :meth:`RateWindow.read`'s (samples/s, data wait)."""
         if not self.enabled:
             return
         rate, wait = window
-        bar.set_postfix(loss=f"{values['loss']:.4f}", refresh=False)
+        bar.set_postfix(
+            {"loss": f"{values['loss']:.4f}", "samples/s": f"{rate:.1f}"}, refresh=False
+        )
         parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
         tqdm.write(
             f"epoch {epoch + 1} step {step + 1}/{total} {parts} lr {lr:.3g} "
             f"samples/s {rate:.1f} data-wait {wait:.0%}"
         )
-        global_step = epoch * total + step + 1
+        global_step = epoch * self.steps_per_epoch + step + 1
         for k, v in values.items():
             self.writer.add_scalar(f"train_step/{k}", v, global_step)
         self.writer.add_scalar("train_step/samples_per_s", rate, global_step)
@@ -104,14 +150,16 @@ class MetricLogger:
         if not self.enabled:
             return
         epoch = record["epoch"]
+        global_step = epoch * self.steps_per_epoch  # the epoch's last optimizer step
         for split in ("train", "test"):
             for k, v in record[split].items():
                 if isinstance(v, (int, float)) and k not in NOT_SCALARS:
-                    self.writer.add_scalar(f"{split}/{k}", v, epoch)
+                    self.writer.add_scalar(f"{split}/{k}", v, global_step)
         if grid is not None:
-            self.writer.add_image("test/samples", figures.pil_to_tensor(grid), epoch)
+            self.writer.add_image("test/samples", figures.pil_to_tensor(grid), global_step)
         for name, param in weights.named_parameters() if weights is not None else ():
-            self.writer.add_histogram(f"weights/{name}", param.detach().float().cpu(), epoch)
+            weight = param.detach().float().cpu()
+            self.writer.add_histogram(f"weights/{name}", weight, global_step)
         self.writer.flush()
         test = record["test"]
         tqdm.write(
@@ -121,12 +169,13 @@ class MetricLogger:
         )
 
     def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
-        """``prefix/key`` scalars for the numeric entries of ``values`` (e.g. ``gpu/*``)."""
+        """``prefix/key`` scalars for the numeric entries of ``values`` (e.g. ``gpu/*``);
+        ``step`` counts the steps of this process, which start after the resumed ones."""
         if not self.enabled:
             return
         for k, v in values.items():
             if isinstance(v, (int, float)):
-                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+                self.writer.add_scalar(f"{prefix}/{k}", v, self.first_step + step)
 
     def graph(self, model: nn.Module, unet_cfg: Any, device: torch.device) -> None:
         """The model graph, traced on a zero batch; tracing can fail on some builds, which is
@@ -157,9 +206,9 @@ class MetricLogger:
         print(f"TensorBoard:    tensorboard --logdir {out / 'tb'}")
 
     def close(self) -> None:
-        """Flush and close the event file."""
-        if self.writer is not None:
-            self.writer.close()
+        """Flush and close the event file, if one was made."""
+        if self._writer is not None:
+            self._writer.close()
 
     def __enter__(self) -> MetricLogger:
         return self

@@ -9,13 +9,20 @@ profiler traces by their own libraries).
 from __future__ import annotations
 
 import csv
+import math
+import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model.summary import summarize
+from pipeline.config import resolve_threads
 from sharding.atomic import atomic_write, write_json
 from training import figures
 from training.checkpoint import TrainState, save_checkpoint
@@ -26,13 +33,20 @@ from training.errors import TrainError
 RUN_DIR_HELP = """\
 RUNDIR (written by rank 0 only):
 
-- ``config.json``: the resolved :class:`TrainConfig`.
+- ``config.json``: the :class:`TrainConfig` as this run used it: ``device``, ``loader``,
+  ``augment_in``, ``num_threads`` and ``amp`` as resolved on this machine (what was asked,
+  where it differs, under ``requested``), plus ``world_size``, ``torch_threads`` and
+  ``omp_wait_policy``.
 - ``checkpoints/last.pt``, ``checkpoints/best.pt`` (best test IoU): model, optimizer,
   scheduler, epoch, rng (torch, cuda, numpy, python), config, model_config, loader_config,
   history, best_iou; plain tensors and lists, read with ``torch.load(weights_only=True)``.
 - ``tb/``: TensorBoard scalars ``train/*``, ``train_step/*``, ``test/*``, the image grid
-  ``test/samples``, the model graph, ``weights/*`` histograms (``--histograms``), ``gpu/*``.
-- ``timings.csv``: epoch, train_s, data_s, misc_s, samples, samples_per_s.
+  ``test/samples``, the model graph, ``weights/*`` histograms (``--histograms``), ``gpu/*``;
+  all against the optimizer step (per-epoch values at the epoch's last step), which
+  ``--resume`` continues, dropping what a killed run logged after its checkpoint.
+- ``timings.csv``: epoch, train_s (steps), data_s (waiting for batches), eval_s (the test
+  pass), misc_s (the rest: checkpoints, logging), samples, samples_per_s (training samples
+  over train_s + data_s, the figure the step log and the progress bar show).
 - ``metrics.json``: ``test`` (iou, dice, depth_rmse, depth_mae, depth_ssim, loss, mask_bce,
   depth_ssim_loss, samples on the whole test split), ``history`` (per epoch: train, test,
   timing), ``params``, ``macs``, ``best_test_iou``.
@@ -46,7 +60,18 @@ RUN_FILES = (
     "gpu_report.json", "cprofile.prof", "checkpoints", "tb", "profile",
 )
 # fmt: on
-TIMING_COLUMNS = ("epoch", "train_s", "data_s", "misc_s", "samples", "samples_per_s")
+TIMING_COLUMNS = ("epoch", "train_s", "data_s", "eval_s", "misc_s", "samples", "samples_per_s")
+
+
+def training_rates(samples: int, train_s: float, data_s: float) -> dict[str, float]:
+    """``samples_per_s``: ``samples`` over the training time (steps plus data wait), and
+    ``data_wait_share``: the part of that time spent waiting for batches.
+
+    The one definition behind timings.csv, ``train/*``, the step log and the progress bar;
+    evaluation and bookkeeping are timed apart (``eval_s``, ``misc_s``).
+    """
+    busy = max(train_s + data_s, 1e-9)
+    return {"samples_per_s": samples / busy, "data_wait_share": data_s / busy}
 
 
 @dataclass(frozen=True)
@@ -96,7 +121,7 @@ class RunDir:
                 target = self.path / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_json(self.path / "config.json", config)
+        write_json(self.path / "config.json", config)  # rewritten on --resume: this machine's
 
     def save_epoch(self, state: TrainState, is_best: bool) -> None:
         """last.pt, best.pt (when ``is_best``) and timings.csv after an epoch."""
@@ -121,34 +146,69 @@ class RunDir:
 
 
 class EpochClock:
-    """Each epoch's wall time, split as the reference did: training, data wait, the rest.
+    """Each epoch's wall time, split into training, data wait, evaluation and the rest.
 
     The clock runs from one :meth:`close` to the next, so no time is lost between epochs:
-    an epoch's ``misc_s`` holds its evaluation and logging, and the checkpoint writes of the
-    epoch before it (its own are made after its row is closed, so the row can be saved in
-    the checkpoint exactly as timings.csv and metrics.json show it).
+    an epoch's ``misc_s`` holds its logging and the checkpoint writes of the epoch before it
+    (its own are made after its row is closed, so the row can be saved in the checkpoint
+    exactly as timings.csv and metrics.json show it).
     """
 
     def __init__(self) -> None:
         self._since = time.perf_counter()
+        self._eval_s = 0.0
+
+    @contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Count the time inside the block as this epoch's ``eval_s``."""
+        tic = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._eval_s += time.perf_counter() - tic
 
     def close(self, train_s: float, data_s: float, samples: int) -> dict[str, Any]:
-        """The timing row of the epoch that ends now: ``train_s``, ``data_s``, ``samples``,
-        ``misc_s`` and ``samples_per_s``."""
+        """The timing row of the epoch that ends now: ``train_s``, ``data_s``, ``eval_s``,
+        ``misc_s``, ``samples`` and ``samples_per_s`` (:func:`training_rates`)."""
         now = time.perf_counter()
         wall, self._since = now - self._since, now
+        eval_s, self._eval_s = self._eval_s, 0.0
         return {
             "train_s": train_s,
             "data_s": data_s,
+            "eval_s": eval_s,
+            "misc_s": max(wall - train_s - data_s - eval_s, 0.0),
             "samples": samples,
-            "misc_s": max(wall - train_s - data_s, 0.0),
-            "samples_per_s": samples / max(wall, 1e-9),
+            "samples_per_s": training_rates(samples, train_s, data_s)["samples_per_s"],
         }
 
 
+def resolved_config(config: dict[str, Any], rt: Runtime, loader: Any) -> dict[str, Any]:
+    """``config`` (a :class:`TrainConfig` as a dict) with what its ``auto`` values and
+    defaults became here: ``rt``'s device and autocast, the training ``loader``'s backend,
+    augmentation place and threads; the values asked for, where they differ, in
+    ``requested``."""
+    used = {
+        "device": str(rt.device),
+        "loader": loader.backend,
+        "augment_in": loader.augment_in,
+        "num_threads": resolve_threads(loader.cfg),
+        "amp": rt.amp,
+    }
+    requested = {k: config[k] for k, v in used.items() if config[k] != v}
+    facts = {
+        "world_size": rt.world_size,
+        "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    return {**config, **used, **facts, "requested": requested}
+
+
 def timing_rows(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One :data:`TIMING_COLUMNS` row per epoch of ``history``."""
-    return [{"epoch": record["epoch"], **record["timing"]} for record in history]
+    """One :data:`TIMING_COLUMNS` row per epoch of ``history``; nan where a checkpoint
+    from before a column existed lacks it."""
+    unknown = dict.fromkeys(TIMING_COLUMNS, math.nan)
+    return [{**unknown, "epoch": record["epoch"], **record["timing"]} for record in history]
 
 
 def write_timings(path: Path, history: list[dict[str, Any]]) -> None:
@@ -161,12 +221,11 @@ def write_timings(path: Path, history: list[dict[str, Any]]) -> None:
 
 def timing_table(history: list[dict[str, Any]]) -> str:
     """The timings as a fixed-width table."""
+    seconds = ("train_s", "data_s", "eval_s", "misc_s")
     lines = [
-        f"{'epoch':>5} {'train_s':>9} {'data_s':>9} {'misc_s':>9} {'samples':>8} {'samples/s':>10}"
+        f"{'epoch':>5} {' '.join(f'{k:>9}' for k in seconds)} {'samples':>8} {'samples/s':>10}"
     ]
     for r in timing_rows(history):
-        lines.append(
-            f"{r['epoch']:>5} {r['train_s']:>9.2f} {r['data_s']:>9.2f} {r['misc_s']:>9.2f} "
-            f"{r['samples']:>8} {r['samples_per_s']:>10.1f}"
-        )
+        times = " ".join(f"{r[k]:>9.2f}" for k in seconds)
+        lines.append(f"{r['epoch']:>5} {times} {r['samples']:>8} {r['samples_per_s']:>10.1f}")
     return "\n".join(lines)
