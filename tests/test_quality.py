@@ -60,6 +60,9 @@ def test_benchmark_runs_end_to_end_and_writes_json(stand_in_assets, tmp_path):
     # normalised units instead of grey levels would miss them or flag the whole frame.
     assert payload["pixel_difference_floor"]["iou"] > 0.8
     assert payload["goals_met"]["params"] is True
+    # Training time is train.py's own (steps + data wait, evaluation apart), below its wall.
+    assert 0 < payload["train_s"] < payload["train_wall_s"]
+    assert payload["eval_s"] > 0 and payload["goals_met"]["train_s"] is True
     assert "pixel-difference floor" in result.stdout and "IoU" in result.stdout
 
 
