@@ -12,10 +12,12 @@ class TrainError(Exception):
 
 def diverged(what: str, last_checkpoint: Path) -> TrainError:
     """The error that stops a run whose loss is no longer finite, before it saves again."""
-    return TrainError(
-        f"{what}; stopped, the last good checkpoint {last_checkpoint} is kept. Lower --lr or "
-        "check the data"
+    kept = (
+        f"the last good checkpoint {last_checkpoint} is kept"
+        if last_checkpoint.is_file()
+        else "no checkpoint was written yet"
     )
+    return TrainError(f"{what}; stopped, {kept}. Lower --lr or check the data")
 
 
 def interrupted(run: Any, test_only: bool) -> str:
