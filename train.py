@@ -147,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Run")
     g.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA if present")
     g.add_argument("--out", default=d.out, help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    resumed = "continue OUT/checkpoints/last.pt; options left out are its own"
+    g.add_argument("--resume", action="store_true", help=resumed)
     g.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
-    g.add_argument("--weights", help="start from this checkpoint's model weights")
-    g.add_argument("--test-only", action="store_true", help="only evaluate --weights")
+    g.add_argument("--weights", help="start from this checkpoint's model (and its --widths)")
+    g.add_argument("--test-only", action="store_true", help="only evaluate --weights' run")
     g.add_argument("--stop-after-epoch", type=positive_int, help=argparse.SUPPRESS)
     g = p.add_argument_group("Logging")
     g.add_argument(
@@ -170,9 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse ``argv`` into a :class:`TrainConfig` and check the combinations argparse cannot.
-
-    With --resume or --weights, options not given come from the checkpoint (see RUN_KEYS)."""
+    """Parse ``argv`` into a :class:`TrainConfig` (options left out of --resume and --weights
+    runs from the checkpoint) and check the combinations argparse cannot."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     last = RunDir(Path(args["out"])).last

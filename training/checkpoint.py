@@ -303,7 +303,8 @@ def check_compatible(
     if config is None:
         return
     ours, theirs = plain(config), state.get("config", {})
-    differ = [k for k in keys if ours.get(k) != theirs.get(k)]
+    # A key the saved config lacks is an option newer than the checkpoint: nothing to compare.
+    differ = [k for k in keys if k in theirs and ours.get(k) != theirs.get(k)]
     if differ:
         shown = ", ".join(f"{k}={theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ)
         raise TrainError(
