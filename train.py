@@ -30,25 +30,16 @@ from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from sharding import storage
 from sharding.shard_format import MANIFEST
-from training import distributed, figures, monitor
-from training.checkpoint import TrainState
+from training import checkpoint, distributed, figures, monitor
+from training.checkpoint import FIXED_ON_RESUME, TrainState
 from training.distributed import DEVICES, Runtime, setup_runtime, teardown
-from training.errors import TrainError, diverged
+from training.errors import TrainError, diverged, interrupted
 from training.evaluate import evaluate
 from training.logger import LossTotals, MetricLogger, RateWindow
-from training.options import HelpFormatter, positive_int, widths_type
+from training.options import HelpFormatter, given_options, positive_int, widths_type
 from training.recipe import RECIPES, add_recipe_args, build_optimizer, resolve
 from training.rundir import RUN_DIR_HELP, EpochClock, RunDir, resolved_config, training_rates
-from training.step import LOSS_PARTS, StepTimer, train_step
-
-# Options a resumed run must keep, or it would silently mix two runs' model, data or optimisation.
-# fmt: off
-RESUME_KEYS = (
-    "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
-    "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "lr_step", "lr_gamma",
-    "mask_weight", "dice_weight", "depth_weight", "depth_l1_weight", "seed", "epochs",
-)
-# fmt: on
+from training.step import LOSS_PARTS, StepTimer, StopCheck, train_step
 
 
 @dataclass(frozen=True)
@@ -156,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Run")
     g.add_argument("--device", choices=DEVICES, default=d.device, help="auto: CUDA if present")
     g.add_argument("--out", default=d.out, help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    resumed = "continue OUT/checkpoints/last.pt; options left out are its own"
+    g.add_argument("--resume", action="store_true", help=resumed)
     g.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
-    g.add_argument("--weights", help="start from this checkpoint's model weights")
-    g.add_argument("--test-only", action="store_true", help="only evaluate --weights")
+    g.add_argument("--weights", help="start from this checkpoint's model (and its --widths)")
+    g.add_argument("--test-only", action="store_true", help="only evaluate --weights' run")
     g.add_argument("--stop-after-epoch", type=positive_int, help=argparse.SUPPRESS)
     g = p.add_argument_group("Logging")
     g.add_argument(
@@ -179,8 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse ``argv`` into a :class:`TrainConfig` and check the combinations argparse cannot."""
-    args = resolve(vars(build_parser().parse_args(argv)))  # unset options from --recipe
+    """Parse ``argv`` into a :class:`TrainConfig` (options left out of --resume and --weights
+    runs from the checkpoint) and check the combinations argparse cannot."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    last = RunDir(Path(args["out"])).last
+    args = checkpoint.options_from_checkpoint(args, given_options(parser, argv), last)
+    args = resolve(args)  # unset options from --recipe
     cfg = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
     if bool(cfg.data) == bool(cfg.train or cfg.test):
         raise TrainError("give either --data DIR or both --train URLS and --test URLS")
@@ -265,7 +262,7 @@ def build_state(
     if cfg.resume or cfg.weights:
         path = run.last if cfg.resume else Path(cfg.weights)
         # Other ranks keep their own seed + rank random streams.
-        state.restore(path, resume=cfg.resume, resume_keys=RESUME_KEYS, rng=rt.is_main)
+        state.restore(path, resume=cfg.resume, resume_keys=FIXED_ON_RESUME, rng=rt.is_main)
         if cfg.resume and rt.is_main:
             print(f"resumed from {path} after epoch {state.epochs_done}")
     return state
@@ -287,11 +284,12 @@ def train_one_epoch(
     iterator, total = iter(loader.epoch(epoch)), min(len(loader), cfg.max_batches or len(loader))
     samples = min(total * cfg.batch_size, loader.num_samples)
     bar = logger.progress(samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="sample")
+    stops = StopCheck(rt, total)  # a failure on one rank stops every rank, before the next step
     # Join lets a rank that runs out of batches shadow the others' gradient all-reduces,
     # so shards with uneven sample counts do not hang the run.
     with model.join() if rt.distributed else nullcontext(), bar:
         for step in range(total):
-            batch = timer.next_batch(iterator)
+            batch = stops.next_batch(timer, iterator, step)
             if batch is None:
                 break
             out = train_step(model, state.loss_fn, optimizer, batch, rt)
@@ -305,9 +303,10 @@ def train_one_epoch(
                 values = {k: out.losses[k].item() for k in LOSS_PARTS}
                 if not math.isfinite(values["loss"]):
                     where = f"loss is {values['loss']} at epoch {epoch + 1} step {step + 1}"
-                    raise diverged(where, RunDir(Path(cfg.out)).last)
+                    stops.fail(diverged(where, RunDir(Path(cfg.out)).last))
                 lr = optimizer.param_groups[0]["lr"]
                 logger.step(epoch, step, total, values, lr, window.read(), bar)
+    stops.finish()
     means, samples = totals.means(rt)
     rates = training_rates(samples, timer.train_s, timer.data_s)
     return {**means, "lr": optimizer.param_groups[0]["lr"], "samples": samples, **rates}, timer
@@ -325,10 +324,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         config = resolved_config(asdict(cfg), rt, train_loader)  # what "auto" became here
         if rt.is_main:
             print(json.dumps(config, indent=2))
-        run.prepare(config, cfg.resume, cfg.overwrite, rt)
         # Every rank sizes its schedule alike, so all ranks step with the same lr.
         steps = distributed.max_over_ranks(min(len(train_loader), cfg.max_batches or 10**9), rt)
         state = build_state(cfg, rt, run, train_loader.channels, loader_cfg, steps)
+        run.prepare(config, cfg.resume, cfg.overwrite, rt)  # after the checkpoint's checks
         tb_dir = run.path / "tb" if rt.is_main else None
         logger = cleanup.enter_context(MetricLogger(tb_dir, steps, state.epochs_done))
         profiling = cfg.profile == "cprofile" and rt.is_main
@@ -356,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 if rt.is_main:
                     grid = figures.preview_grid(shown, loader_cfg) if shown else None
                     logger.epoch(record, is_best, grid, state.model if cfg.histograms else None)
-                    run.save_epoch(state, is_best)
+                distributed.on_main(rt, run.save_epoch, state, is_best)  # or every rank stops
                 if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
                     stopped = epoch + 1
                     break
@@ -379,8 +378,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (TrainError, LoaderError) as e:  # TrainError covers checkpoint and device errors
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("train.py: interrupted; continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt:  # say what is kept: a checkpoint to resume, or nothing yet
+        args = build_parser().parse_known_args(argv)[0]
+        print(f"train.py: {interrupted(RunDir(Path(args.out)), args.test_only)}", file=sys.stderr)
         return 130
     return 0
 

@@ -26,6 +26,23 @@ from training.errors import TrainError
 CHECKPOINT_FORMAT = "maskdepth-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
+# The TrainConfig fields that make up a run's maths: its data, model, optimisation, length and
+# seed. A run continued from a checkpoint (--resume, --test-only) takes each one it is not given
+# from the checkpoint's config, so the original flags need not be typed again.
+# fmt: off
+RUN_KEYS = (
+    "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
+    "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "lr_step",
+    "lr_gamma", "mask_weight", "dice_weight", "depth_weight", "depth_l1_weight", "seed", "epochs",
+)
+# fmt: on
+# What --resume refuses to change: anything that would alter the maths the checkpoint already
+# did. The data may move (its steps per epoch are checked against the schedule instead), and
+# --epochs may grow or shrink: the schedule is then re-sized (see resize_schedule).
+FIXED_ON_RESUME = tuple(k for k in RUN_KEYS if k not in ("data", "train", "test", "epochs"))
+# What --weights fixes: the model's shape (in_channels and the image sizes come from the data).
+MODEL_KEYS = ("widths", "diff_input")
+
 
 class CheckpointError(TrainError):
     """A checkpoint could not be written or read; the message says which file and why."""
@@ -77,6 +94,79 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "version"
         )
     return state
+
+
+def options_from_checkpoint(options: dict[str, Any], given: set[str], last: Path) -> dict[str, Any]:
+    """train.py's ``options`` with the checkpoint's values for those not ``given`` (typed).
+
+    With ``resume`` (from ``last``) or ``test_only``, every one of :data:`RUN_KEYS`; with
+    ``weights`` alone (a new run from trained weights), the model's :data:`MODEL_KEYS`. A
+    given option that contradicts the checkpoint is refused, all of them in one line, where
+    it is one of :data:`FIXED_ON_RESUME` (resume) or :data:`MODEL_KEYS`. The model's keys
+    come from the checkpoint's model config, as predict.py reads them; the rest from its run
+    config.
+    """
+    resume = options["resume"]
+    if not (resume or options["weights"]):
+        return options
+    path = last if resume else Path(options["weights"])
+    take = RUN_KEYS if resume or options["test_only"] else MODEL_KEYS
+    if given & {"data", "train", "test"}:  # new data, given as --data or as --train/--test
+        take = tuple(k for k in take if k not in ("data", "train", "test"))
+    fixed = FIXED_ON_RESUME if resume else MODEL_KEYS
+    if not path.is_file():
+        flag, fix = ("--resume", "start without --resume") if resume else ("--weights", "check it")
+        raise CheckpointError(f"{flag}: no checkpoint at {path}; {fix}")
+    state = load_checkpoint(path)
+    saved = {**state.get("config", {}), **state.get("model_config", {})}
+    epochs = options["epochs"] if "epochs" in given else saved.get("epochs", 0)
+    if resume and epochs < state["epoch"]:
+        raise CheckpointError(
+            f"--epochs {epochs} is fewer than the {state['epoch']} epochs checkpoint {path} "
+            f"has done; pass --epochs {state['epoch']} or more"
+        )
+    options, differ = dict(options), []
+    for key in take:
+        if key not in saved:
+            continue
+        if key not in given:
+            options[key] = tuple(saved[key]) if isinstance(saved[key], list) else saved[key]
+        elif key in fixed and plain(options[key]) != plain(saved[key]):
+            differ.append(f"{key}={plain(saved[key])!r} (now {plain(options[key])!r})")
+    if differ:
+        fix = "continue with the checkpoint's, or start a new --out" if resume else "use its model"
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different config: {', '.join(differ)}; drop "
+            f"{'that option' if len(differ) == 1 else 'those options'} to {fix}"
+        )
+    return options
+
+
+def resize_schedule(scheduler: Any, fresh: dict[str, Any], path: Path) -> None:
+    """Give a restored ``LambdaLR`` the shape ``fresh`` (this run's schedule state, sized from
+    its ``--epochs``) from the step it reached on.
+
+    A resumed run with more (or fewer) epochs follows the schedule of a run of the new length
+    from here on; the steps already taken keep the lr they had. A schedule counted in epochs
+    (``step``) is the same at any length, so such a run matches an uninterrupted one of the
+    new length exactly; a ``cosine`` one is sized from the run's total steps, so the new run
+    continues with the lr that the longer run has at this step. The steps per epoch must
+    match: they fix where every earlier step sits in the schedule.
+    """
+    for schedule, shape in zip(scheduler.lr_lambdas, fresh["lr_lambdas"]):
+        if not shape:  # a plain function: no shape to restore
+            continue
+        ran, now = getattr(schedule, "steps_per_epoch", None), shape.get("steps_per_epoch")
+        if ran != now:
+            raise CheckpointError(
+                f"checkpoint {path} ran {ran} optimizer steps per epoch but this run makes {now}; "
+                "resume with the same data, --batch-size, --max-batches and number of ranks"
+            )
+        schedule.__dict__.update(shape)
+    step = scheduler.last_epoch  # LambdaLR counts optimizer steps in last_epoch
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
 
 
 def rng_state() -> dict[str, Any]:
@@ -163,16 +253,21 @@ class TrainState:
         config = self.config if resume else None
         check_compatible(saved, path, self.unet_cfg, config, resume_keys)
         if resume:
-            self.load_state_dict(saved, restore_rng=rng)
+            self.load_state_dict(saved, restore_rng=rng, path=path)
         else:
             self.model.load_state_dict(saved["model"])
 
-    def load_state_dict(self, state: dict[str, Any], restore_rng: bool = True) -> None:
+    def load_state_dict(
+        self, state: dict[str, Any], restore_rng: bool = True, path: Path = Path("checkpoint")
+    ) -> None:
         """Continue from ``state`` (what :meth:`state_dict` returned): weights, optimizer,
-        schedule, history and, with ``restore_rng``, the random generators."""
+        schedule (re-sized to this run's length by :func:`resize_schedule`), history and,
+        with ``restore_rng``, the random generators."""
+        fresh = self.scheduler.state_dict()  # this run's schedule, sized from its --epochs
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        resize_schedule(self.scheduler, fresh, path)
         self.history = list(state["history"])
         self.best_iou = float(state["best_iou"])
         if restore_rng:
@@ -208,7 +303,8 @@ def check_compatible(
     if config is None:
         return
     ours, theirs = plain(config), state.get("config", {})
-    differ = [k for k in keys if ours.get(k) != theirs.get(k)]
+    # A key the saved config lacks is an option newer than the checkpoint: nothing to compare.
+    differ = [k for k in keys if k in theirs and ours.get(k) != theirs.get(k)]
     if differ:
         shown = ", ".join(f"{k}={theirs.get(k)!r} (now {ours.get(k)!r})" for k in differ)
         raise TrainError(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +47,9 @@ class Runtime:
     world_size: int = 1
     amp: bool = False  # bf16 autocast; only ever on for CUDA
     memory_format: torch.memory_format = torch.contiguous_format
+    # The process group for stop flags and messages: gloo, so that reading a flag never waits
+    # for queued GPU work. None: the default group (already gloo on the CPU).
+    control: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -72,9 +77,13 @@ def setup_runtime(device: str, seed: int, amp: bool, channels_last: bool) -> Run
         torch.cuda.set_device(resolved)
         # Every batch has the same shapes, so cuDNN's autotuner pays for itself after a step.
         torch.backends.cudnn.benchmark = True
-    if world_size > 1 and not dist.is_initialized():
-        # torchrun sets MASTER_ADDR/PORT (or its rendezvous does, for multi-node): env:// init.
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    control = None
+    if world_size > 1:
+        if not dist.is_initialized():
+            # torchrun sets MASTER_ADDR/PORT (or its rendezvous does, for multi-node): env:// init.
+            dist.init_process_group("nccl" if use_cuda else "gloo")
+        if dist.get_backend() != "gloo":
+            control = dist.new_group(backend="gloo")  # every rank creates it, in the same order
     seed_everything(seed + rank)  # a different stream per rank, reproducible per rank
     return Runtime(
         device=resolved,
@@ -82,6 +91,7 @@ def setup_runtime(device: str, seed: int, amp: bool, channels_last: bool) -> Run
         world_size=world_size,
         amp=amp and use_cuda,
         memory_format=torch.channels_last if channels_last else torch.contiguous_format,
+        control=control,
     )
 
 
@@ -100,8 +110,58 @@ def rank0_verdict(problem: str | None, rt: Runtime) -> str | None:
     if not rt.distributed:
         return problem
     verdict = [problem]
-    dist.broadcast_object_list(verdict, src=0)
+    dist.broadcast_object_list(verdict, src=0, group=rt.control)
     return verdict[0]
+
+
+def one_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, or its type's name when it has none."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def agree(
+    error: BaseException | None,
+    rt: Runtime,
+    done: bool = False,
+    user_errors: tuple[type[BaseException], ...] = (TrainError,),
+) -> bool:
+    """Stop every rank if any rank has an ``error``; True when any rank is ``done``.
+
+    A collective: every rank calls it at the same point. Then each rank raises the same
+    :class:`TrainError`, ``rank R: MESSAGE`` for the lowest failing rank R, so that no rank goes
+    on into a collective that another has left (under srun or mpirun, with no torchrun to end
+    the others, that would hang until the NCCL timeout). An error outside ``user_errors`` is
+    a bug: the rank that has it raises it itself, with its traceback. In a single process,
+    ``error`` is raised as it is.
+    """
+    if not rt.distributed:
+        if error is not None:
+            raise error
+        return done
+    flags = torch.tensor([int(error is not None), int(done)])
+    dist.all_reduce(flags, group=rt.control)  # on gloo: a host-side read, no GPU sync
+    if flags[0].item():
+        messages: list[str | None] = [None] * rt.world_size
+        mine = None if error is None else one_line(error)
+        dist.all_gather_object(messages, mine, group=rt.control)
+        rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        if error is not None and not isinstance(error, user_errors):
+            raise error
+        raise TrainError(f"rank {rank}: {message}") from error
+    return bool(flags[1].item())
+
+
+def on_main(rt: Runtime, action: Callable[..., Any], *args: Any) -> None:
+    """``action(*args)`` on rank 0 only (a checkpoint save); if it fails, every rank stops
+    with its message (see :func:`agree`)."""
+    error = None
+    if rt.is_main:
+        try:
+            action(*args)
+        except Exception as e:  # agree() re-raises a bug as it is, on this rank
+            error = e
+    agree(error, rt)
 
 
 def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class TrainError(Exception):
@@ -11,7 +12,25 @@ class TrainError(Exception):
 
 def diverged(what: str, last_checkpoint: Path) -> TrainError:
     """The error that stops a run whose loss is no longer finite, before it saves again."""
-    return TrainError(
-        f"{what}; stopped, the last good checkpoint {last_checkpoint} is kept. Lower --lr or "
-        "check the data"
+    kept = (
+        f"the last good checkpoint {last_checkpoint} is kept"
+        if last_checkpoint.is_file()
+        else "no checkpoint was written yet"
+    )
+    return TrainError(f"{what}; stopped, {kept}. Lower --lr or check the data")
+
+
+def interrupted(run: Any, test_only: bool) -> str:
+    """What to tell a user who stopped a run with Ctrl-C: what is kept and how to go on.
+
+    ``run`` is the run's :class:`training.rundir.RunDir`. Checkpoints are written only after
+    whole epochs, so a run stopped before its first one has nothing to resume.
+    """
+    if test_only:
+        return "interrupted; the evaluation did not finish, run it again"
+    if run.last.is_file():
+        return f"interrupted; {run.last} holds the last finished epoch: continue with --resume"
+    return (
+        f"interrupted before the first epoch finished, so there is no checkpoint in {run.path} "
+        "to resume; start again with the same command"
     )

@@ -28,3 +28,15 @@ def widths_type(text: str) -> tuple[int, ...]:
         return tuple(int(w) for w in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated ints") from None
+
+
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The destinations of the options typed in ``argv``, not those left at their defaults.
+
+    argparse fills in a default only where the namespace lacks the attribute, so a namespace
+    pre-filled with a marker shows which options the command line set.
+    """
+    unset = object()
+    dests = vars(parser.parse_args(argv))
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(dests, unset)))
+    return {dest for dest, value in vars(typed).items() if value is not unset}

@@ -16,10 +16,14 @@ import torch
 from torch import nn
 
 from model import UNet
-from training.distributed import Runtime
+from pipeline import LoaderError
+from training.distributed import Runtime, agree, max_over_ranks
+from training.errors import TrainError
 
 # What MaskDepthLoss returns, in the order the logs and metrics.json show them.
 LOSS_PARTS = ("loss", "mask_bce", "mask_dice_loss", "depth_ssim_loss", "depth_l1")
+# Failures the user can act on: every rank reports them as the same one line.
+USER_ERRORS = (TrainError, LoaderError)
 
 
 @dataclass
@@ -162,3 +166,46 @@ class StepTimer:
             self._train_s += start.elapsed_time(end) / 1000
             self._last_end = end
         self._pending.clear()
+
+
+class StopCheck:
+    """Ends an epoch's steps on every rank together when one rank fails.
+
+    Before each step that every rank takes (the first ``common`` of the epoch) the ranks agree
+    (:func:`training.distributed.agree`) whether any has failed: a batch it could not read, or
+    a loss it found not finite at its last log step. Then all raise the same error before the
+    next gradient all-reduce, instead of the others waiting in it for a rank that has left.
+    A failure in the steps only some ranks take (uneven shards, shadowed by DDP's Join) ends
+    that rank's epoch, and :meth:`finish`, called by every rank after the join, stops all.
+    In a single process a failure is raised at once.
+    """
+
+    def __init__(self, rt: Runtime, steps: int) -> None:
+        self.rt = rt
+        self.common = -max_over_ranks(-steps, rt)  # the fewest steps of any rank
+        self.error: BaseException | None = None
+
+    def fail(self, error: BaseException) -> None:
+        """Keep ``error`` for the next agreement (a single process raises it now)."""
+        if not self.rt.distributed:
+            raise error
+        self.error = self.error or error
+
+    def next_batch(
+        self, timer: StepTimer, batches: Iterator[dict[str, Any]], step: int
+    ) -> dict[str, Any] | None:
+        """Step ``step``'s batch, or None when this rank's epoch ends; raises on every rank
+        when any rank has failed."""
+        batch = None
+        if self.error is None:
+            try:
+                batch = timer.next_batch(batches)
+            except Exception as e:  # a loader error on this rank only: tell the others first
+                self.fail(e)
+        if step < self.common and agree(self.error, self.rt, batch is None, USER_ERRORS):
+            self.common = step  # a rank ran out of batches early: it is in the join now
+        return None if self.error is not None else batch
+
+    def finish(self) -> None:
+        """Every rank, after the epoch's join: stop all if any failed in its last steps."""
+        agree(self.error, self.rt, user_errors=USER_ERRORS)

@@ -1,0 +1,72 @@
+"""train.py with one fault injected on one rank, for tests/test_collective.py.
+
+    torchrun --nproc_per_node=2 tests/fault_rank.py FAULT RANK [train.py options]
+
+FAULT is what goes wrong on rank RANK only, by monkeypatching the real code there:
+
+- ``nan``: every training loss from the second step on is NaN (a diverging run);
+- ``loader``: the second training batch cannot be read (a corrupt shard);
+- ``save``: writing a checkpoint fails with "No space left on device".
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import sys
+
+import torch
+
+import train
+from pipeline.config import LoaderError
+from pipeline.loader import Loader
+
+
+def poison_loss_from_second_step() -> None:
+    real_step, calls = train.train_step, []
+
+    def step(model, loss_fn, optimizer, batch, rt):
+        calls.append(None)
+        if len(calls) >= 2:
+            real_loss = loss_fn
+
+            def loss_fn(*args):
+                losses = real_loss(*args)
+                return {**losses, "loss": losses["loss"] * math.nan}
+
+        return real_step(model, loss_fn, optimizer, batch, rt)
+
+    train.train_step = step
+
+
+def corrupt_second_train_batch() -> None:
+    real_epoch = Loader.epoch
+
+    def epoch(self, index):
+        for i, batch in enumerate(real_epoch(self, index)):
+            if self.split == "train" and i == 1:
+                raise LoaderError("train-000001.tar: unexpected end of data; rebuild the shards")
+            yield batch
+
+    Loader.epoch = epoch
+
+
+def full_disk() -> None:
+    def save(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    torch.save = save
+
+
+FAULTS = {
+    "nan": poison_loss_from_second_step,
+    "loader": corrupt_second_train_batch,
+    "save": full_disk,
+}
+
+if __name__ == "__main__":
+    fault, rank, *options = sys.argv[1:]
+    if os.environ.get("RANK") == rank:
+        FAULTS[fault]()
+    sys.exit(train.cli(options))

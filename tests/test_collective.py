@@ -1,0 +1,114 @@
+"""A failure on one rank stops every rank with the same one line, and nothing hangs.
+
+The end-to-end cases run train.py under real torchrun (2 gloo processes on the CPU) through
+``tests/fault_rank.py``, which injects one fault on one rank by monkeypatching. torchrun's
+``--tee 3`` prefixes each rank's lines with ``[defaultR]:``, so the test reads both ranks'
+output apart. The collective itself (:func:`training.distributed.agree`) is also checked
+with two real gloo processes started by ``torch.multiprocessing``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from tests.conftest import ROOT, run_cli
+from training.distributed import Runtime, agree, on_main
+from training.errors import TrainError
+
+TINY_RUN = ("--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0")
+# What each fault's one line says, and which rank has it (a checkpoint is saved by rank 0).
+FAULTS = {
+    "nan": (1, "rank 1: loss is nan at epoch 1 step 2; stopped, no checkpoint was written yet"),
+    "loader": (1, "rank 1: train-000001.tar: unexpected end of data; rebuild the shards"),
+    "save": (0, "rank 0: could not write checkpoint"),
+}
+
+
+def rank_errors(stderr: str, rank: int) -> list[str]:
+    """Rank ``rank``'s error lines. torchrun merges the ranks' streams, so a line may start
+    in the middle of another rank's progress bar: look for the prefix anywhere."""
+    return re.findall(rf"\[default{rank}\]:(train\.py: error: [^\r\n]*)", stderr)
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_on_one_rank_stops_both_with_the_same_line(fault, tiny_shards, tmp_path):
+    rank, expected = FAULTS[fault]
+    out = tmp_path / "run"
+    # A long monitor interval: torchrun must not be what ends the rank without the fault.
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee", "3")
+    result = run_cli(
+        *torchrun,
+        "--monitor-interval",
+        "5",
+        "tests/fault_rank.py",
+        fault,
+        str(rank),
+        *("--data", str(tiny_shards), "--epochs", "1", "--out", str(out), "--log-interval", "1"),
+        *TINY_RUN,
+        timeout=240,  # a rank left waiting in an all-reduce would wait 30 minutes
+    )
+    assert result.returncode == 1, result.stderr
+    assert not re.search(r"\[default\d\]:Traceback", result.stderr), result.stderr
+    errors = [rank_errors(result.stderr, r) for r in (0, 1)]
+    assert len(errors[0]) == 1 and errors[0] == errors[1], result.stderr
+    assert expected in errors[0][0]
+    # Nothing half-written: the run failed in its first epoch, so no checkpoint at all.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agree_worker(rank: int, port: int, results: Path) -> None:
+    """One gloo rank: rank 1 fails with a user error, then with a bug; rank 0 with neither."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    rt = Runtime(torch.device("cpu"), rank=rank, world_size=2)
+    seen = [f"go on: {agree(None, rt)}", f"done: {agree(None, rt, done=rank == 0)}"]
+    for error in (TrainError("shard 3 is corrupt"), KeyError("bug")):
+        try:
+            agree(error if rank == 1 else None, rt)
+        except Exception as e:
+            seen.append(f"{type(e).__name__}: {e}")
+    try:
+        on_main(rt, lambda: (_ for _ in ()).throw(TrainError("disk full")))
+    except TrainError as e:
+        seen.append(f"{type(e).__name__}: {e}")
+    (results / str(rank)).write_text("\n".join(seen))
+    dist.destroy_process_group()
+
+
+def test_agree_stops_every_rank_with_the_first_failing_ranks_message(tmp_path):
+    mp.spawn(agree_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    rank0 = (tmp_path / "0").read_text().splitlines()
+    rank1 = (tmp_path / "1").read_text().splitlines()
+    assert rank0[:2] == rank1[:2] == ["go on: False", "done: True"]
+    assert rank0[2] == rank1[2] == "TrainError: rank 1: shard 3 is corrupt"
+    # A bug is raised as it is where it happened (with its traceback); the others stop.
+    assert rank0[3] == "TrainError: rank 1: 'bug'" and rank1[3] == "KeyError: 'bug'"
+    assert rank0[4] == rank1[4] == "TrainError: rank 0: disk full"
+
+
+def test_agree_in_one_process_raises_the_error_itself():
+    rt = Runtime(torch.device("cpu"))
+    assert agree(None, rt) is False and agree(None, rt, done=True) is True
+    error = TrainError("loss is nan")
+    with pytest.raises(TrainError) as raised:
+        agree(error, rt)
+    assert raised.value is error
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v", "--rootdir", str(ROOT)]))
