@@ -1,10 +1,12 @@
 """A failure on one rank stops every rank with the same one line, and nothing hangs.
 
 The end-to-end cases run train.py under real torchrun (2 gloo processes on the CPU) through
-``tests/fault_rank.py``, which injects one fault on one rank by monkeypatching. torchrun's
+``tests/fault_rank.py``, which injects one fault on one rank by monkeypatching, in training
+or in the evaluation after it. torchrun's
 ``--tee 3`` prefixes each rank's lines with ``[defaultR]:``, so the test reads both ranks'
 output apart. The collective itself (:func:`training.distributed.agree`) is also checked
-with two real gloo processes started by ``torch.multiprocessing``.
+with two real gloo processes started by ``torch.multiprocessing``, and a single process
+(evaluation included) with no collective at all.
 """
 
 from __future__ import annotations
@@ -20,9 +22,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import train
+from pipeline import LoaderError
 from tests.conftest import ROOT, run_cli
 from training.distributed import Runtime, agree, on_main
 from training.errors import TrainError
+from training.evaluate import evaluate
+from training.rundir import RunDir
 
 TINY_RUN = ("--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0")
 # What each fault's one line says, and which rank has it (a checkpoint is saved by rank 0).
@@ -132,6 +138,28 @@ def test_agree_in_one_process_raises_the_error_itself():
     error = TrainError("loss is nan")
     with pytest.raises(TrainError) as raised:
         agree(error, rt)
+    assert raised.value is error
+
+
+def test_evaluation_failure_in_one_process_is_raised_as_it_is(tiny_shards, tmp_path, monkeypatch):
+    cfg = train.TrainConfig(data=str(tiny_shards), widths=(4, 8, 16), batch_size=8)
+    rt = Runtime(torch.device("cpu"))
+    _, test_loader, loader_cfg = train.build_loaders(cfg, rt)
+    state = train.build_state(cfg, rt, RunDir(tmp_path), test_loader.channels, loader_cfg)
+    error = LoaderError("test-000000.tar: unexpected end of data; rebuild the shards")
+
+    def unreadable(index):
+        raise error
+        yield
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a single process must not call a collective")
+
+    monkeypatch.setattr(test_loader, "epoch", unreadable)
+    for name in ("all_reduce", "all_gather_object", "broadcast_object_list"):
+        monkeypatch.setattr(dist, name, no_collective)
+    with pytest.raises(LoaderError) as raised:
+        evaluate(state, test_loader, 2, rt)
     assert raised.value is error
 
 
