@@ -292,6 +292,8 @@ def train_one_epoch(
             batch = stops.next_batch(timer, iterator, step)
             if batch is None:
                 break
+            # An exception in here (out of memory) is not agreed on: the others are already in
+            # this step's DDP collectives. torchrun ends them; srun needs --kill-on-bad-exit.
             out = train_step(model, state.loss_fn, optimizer, batch, rt)
             state.scheduler.step()  # per optimizer step: the schedule spans the run's steps
             timer.step_done(out.samples)

@@ -6,6 +6,9 @@ FAULT is what goes wrong on rank RANK only, by monkeypatching the real code ther
 
 - ``nan``: every training loss from the second step on is NaN (a diverging run);
 - ``loader``: the second training batch cannot be read (a corrupt shard);
+- ``eval-loader``: the second test batch cannot be read, in the evaluation after epoch 1;
+- ``eval-step``: the evaluation's forward pass fails with "CUDA out of memory" (a bug to
+  ``agree``: that rank raises it with its traceback, the others stop with its one line);
 - ``save``: writing a checkpoint fails with "No space left on device".
 """
 
@@ -19,6 +22,7 @@ import sys
 import torch
 
 import train
+import training.evaluate
 from pipeline.config import LoaderError
 from pipeline.loader import Loader
 
@@ -40,16 +44,23 @@ def poison_loss_from_second_step() -> None:
     train.train_step = step
 
 
-def corrupt_second_train_batch() -> None:
+def corrupt_second_batch(split: str) -> None:
     real_epoch = Loader.epoch
 
     def epoch(self, index):
         for i, batch in enumerate(real_epoch(self, index)):
-            if self.split == "train" and i == 1:
-                raise LoaderError("train-000001.tar: unexpected end of data; rebuild the shards")
+            if self.split == split and i == 1:
+                raise LoaderError(f"{split}-000001.tar: unexpected end of data; rebuild the shards")
             yield batch
 
     Loader.epoch = epoch
+
+
+def out_of_memory_in_evaluation() -> None:
+    def forward_loss(*args):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    training.evaluate.forward_loss = forward_loss
 
 
 def full_disk() -> None:
@@ -61,7 +72,9 @@ def full_disk() -> None:
 
 FAULTS = {
     "nan": poison_loss_from_second_step,
-    "loader": corrupt_second_train_batch,
+    "loader": lambda: corrupt_second_batch("train"),
+    "eval-loader": lambda: corrupt_second_batch("test"),
+    "eval-step": out_of_memory_in_evaluation,
     "save": full_disk,
 }
 

@@ -1,10 +1,12 @@
 """A failure on one rank stops every rank with the same one line, and nothing hangs.
 
 The end-to-end cases run train.py under real torchrun (2 gloo processes on the CPU) through
-``tests/fault_rank.py``, which injects one fault on one rank by monkeypatching. torchrun's
+``tests/fault_rank.py``, which injects one fault on one rank by monkeypatching, in training
+or in the evaluation after it. torchrun's
 ``--tee 3`` prefixes each rank's lines with ``[defaultR]:``, so the test reads both ranks'
 output apart. The collective itself (:func:`training.distributed.agree`) is also checked
-with two real gloo processes started by ``torch.multiprocessing``.
+with two real gloo processes started by ``torch.multiprocessing``, and a single process
+(evaluation included) with no collective at all.
 """
 
 from __future__ import annotations
@@ -20,17 +22,28 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import train
+from pipeline import LoaderError
 from tests.conftest import ROOT, run_cli
 from training.distributed import Runtime, agree, on_main
 from training.errors import TrainError
+from training.evaluate import evaluate
+from training.rundir import RunDir
 
 TINY_RUN = ("--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0")
 # What each fault's one line says, and which rank has it (a checkpoint is saved by rank 0).
 FAULTS = {
     "nan": (1, "rank 1: loss is nan at epoch 1 step 2; stopped, no checkpoint was written yet"),
     "loader": (1, "rank 1: train-000001.tar: unexpected end of data; rebuild the shards"),
+    "eval-loader": (1, "rank 1: test-000001.tar: unexpected end of data; rebuild the shards"),
     "save": (0, "rank 0: could not write checkpoint"),
 }
+
+
+def traceback_on(stderr: str, rank: int | str = r"\d") -> bool:
+    """Whether rank ``rank`` printed a traceback (torch prefixes an uncaught one's lines with
+    ``[rankR]: ``)."""
+    return bool(re.search(rf"\[default{rank}\]:(\[rank{rank}\]: )?Traceback", stderr))
 
 
 def rank_errors(stderr: str, rank: int) -> list[str]:
@@ -39,29 +52,47 @@ def rank_errors(stderr: str, rank: int) -> list[str]:
     return re.findall(rf"\[default{rank}\]:(train\.py: error: [^\r\n]*)", stderr)
 
 
-@pytest.mark.parametrize("fault", sorted(FAULTS))
-def test_fault_on_one_rank_stops_both_with_the_same_line(fault, tiny_shards, tmp_path):
-    rank, expected = FAULTS[fault]
-    out = tmp_path / "run"
+def torchrun_fault(fault: str, rank: int, shards: Path, out: Path):
+    """train.py for one tiny epoch under torchrun, with ``fault`` injected on ``rank`` only."""
     # A long monitor interval: torchrun must not be what ends the rank without the fault.
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee", "3")
-    result = run_cli(
+    return run_cli(
         *torchrun,
         "--monitor-interval",
         "5",
         "tests/fault_rank.py",
         fault,
         str(rank),
-        *("--data", str(tiny_shards), "--epochs", "1", "--out", str(out), "--log-interval", "1"),
+        *("--data", str(shards), "--epochs", "1", "--out", str(out), "--log-interval", "1"),
         *TINY_RUN,
         timeout=240,  # a rank left waiting in an all-reduce would wait 30 minutes
     )
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_fault_on_one_rank_stops_both_with_the_same_line(fault, tiny_shards, tmp_path):
+    rank, expected = FAULTS[fault]
+    out = tmp_path / "run"
+    result = torchrun_fault(fault, rank, tiny_shards, out)
     assert result.returncode == 1, result.stderr
-    assert not re.search(r"\[default\d\]:Traceback", result.stderr), result.stderr
+    assert not traceback_on(result.stderr), result.stderr
     errors = [rank_errors(result.stderr, r) for r in (0, 1)]
     assert len(errors[0]) == 1 and errors[0] == errors[1], result.stderr
     assert expected in errors[0][0]
     # Nothing half-written: the run failed in its first epoch, so no checkpoint at all.
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []
+
+
+def test_exception_in_evaluation_on_one_rank_stops_the_other_with_its_line(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    result = torchrun_fault("eval-step", 1, tiny_shards, out)
+    assert result.returncode == 1, result.stderr
+    # Not a user error: rank 1 raises it with its traceback; rank 0 stops with its one line.
+    assert traceback_on(result.stderr, 1), result.stderr
+    assert "[rank1]: RuntimeError: CUDA out of memory" in result.stderr
+    assert not traceback_on(result.stderr, 0), result.stderr
+    expected = "train.py: error: rank 1: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rank_errors(result.stderr, 0) == [expected], result.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []
 
 
@@ -107,6 +138,28 @@ def test_agree_in_one_process_raises_the_error_itself():
     error = TrainError("loss is nan")
     with pytest.raises(TrainError) as raised:
         agree(error, rt)
+    assert raised.value is error
+
+
+def test_evaluation_failure_in_one_process_is_raised_as_it_is(tiny_shards, tmp_path, monkeypatch):
+    cfg = train.TrainConfig(data=str(tiny_shards), widths=(4, 8, 16), batch_size=8)
+    rt = Runtime(torch.device("cpu"))
+    _, test_loader, loader_cfg = train.build_loaders(cfg, rt)
+    state = train.build_state(cfg, rt, RunDir(tmp_path), test_loader.channels, loader_cfg)
+    error = LoaderError("test-000000.tar: unexpected end of data; rebuild the shards")
+
+    def unreadable(index):
+        raise error
+        yield
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a single process must not call a collective")
+
+    monkeypatch.setattr(test_loader, "epoch", unreadable)
+    for name in ("all_reduce", "all_gather_object", "broadcast_object_list"):
+        monkeypatch.setattr(dist, name, no_collective)
+    with pytest.raises(LoaderError) as raised:
+        evaluate(state, test_loader, 2, rt)
     assert raised.value is error
 
 
