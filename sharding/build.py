@@ -119,6 +119,8 @@ class Skips:
 
     def add(self, zip_name: str, member: str, reason: str, detail: str = "") -> None:
         item = {"zip": zip_name, "member": member, "reason": reason}
+        if reason != "bad_name":  # a name that does not parse names no sample
+            item["sample"] = member
         if detail:
             item["detail"] = detail
         self.items.append(item)
@@ -312,6 +314,12 @@ def find_geometry(cfg: ShardConfig, samples: list[SampleRef]) -> dict[str, tuple
             continue  # not accepted: the workers skip it with its reason
         if sizes["bg"] == sizes["fg_bg"] == sizes["mask"]:
             return {**sizes, **given}
+    if given:  # caught before --out is touched: a previous build there stays as it was
+        wanted = ", ".join(f"{p} {w}x{h}" for p, (w, h) in given.items())
+        raise BuildError(
+            f"no sample in the zips has every image at the size given ({wanted}); "
+            "check --image-size and --depth-size, or leave them out to use the zips' own"
+        )
     return given
 
 
@@ -510,7 +518,8 @@ def write_shard(job: dict) -> dict:
 def _skip(zips, ref: SampleRef, member: str, reason: str, detail: str) -> dict:
     return {
         "zip": os.path.basename(zips[ref.zip_index]),
-        "member": member,
+        "member": member,  # the image that failed
+        "sample": ref.members[1],  # the sample's fg_bg, which names it
         "reason": reason,
         "detail": detail,
     }
