@@ -963,9 +963,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: no manifest was written; re-run the same command", file=sys.stderr)
         return 130
     finally:
-        if handler.count == 0:  # after an interrupt, stay deaf until the process ends
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+        for sig, old in previous.items():
+            # After an interrupt, stay deaf until the process ends: at exit Python resets a
+            # Python-level handler to the default, and a late second signal would then kill
+            # the process mid-exit (status -2, not 130); an ignored signal stays ignored.
+            signal.signal(sig, signal.SIG_IGN if handler.count else old)
 
 
 def _run(cfg: ShardConfig, start: float) -> int:
