@@ -312,8 +312,8 @@ def find_geometry(cfg: ShardConfig, samples: list[SampleRef]) -> dict[str, tuple
                 sizes[part] = (info.width, info.height)
         except (JpegError, Rejected, zipfile.BadZipFile, OSError):
             continue  # not accepted: the workers skip it with its reason
-        if sizes["bg"] == sizes["fg_bg"] == sizes["mask"]:
-            return {**sizes, **given}
+        # Per part: the loaders resize each part from its stored size, which must be one size.
+        return sizes
     if given:  # caught before --out is touched: a previous build there stays as it was
         wanted = ", ".join(f"{p} {w}x{h}" for p, (w, h) in given.items())
         raise BuildError(

@@ -346,10 +346,10 @@ def test_damaged_zips_long_run(spec):
 
 def small_set(where: Path, fg_bg: dict | None = None, bg: bytes | None = None) -> list[str]:
     """batch1 (train) and batch2 (test) with two samples each at 16x16 / 8x8; ``fg_bg`` maps a
-    batch1 sample number (1 or 2) to replacement bytes."""
+    batch1 sample number (1 or 2) to replacement bytes, ``bg`` replaces both backgrounds."""
     paths = []
     for z in (1, 2):
-        members = {"bg_jpg/bg_img_1.jpg": bg if bg and z == 1 else jpeg(z, IMAGE)}
+        members = {"bg_jpg/bg_img_1.jpg": bg or jpeg(z, IMAGE)}
         for n in (1, 2):
             stem = f"1_1_0_{n}"
             data = (fg_bg or {}).get(n) if z == 1 else None
@@ -400,6 +400,19 @@ def test_a_huge_declared_size_is_skipped_before_any_decode(tmp_path):
     assert shard_keys(tmp_path / "o", "train") == {"batch1-1_1_0_1"}
     for split in ("train", "test"):
         check_loads(tmp_path / "o", split, shard_keys(tmp_path / "o", split), 1)
+
+
+def test_each_part_keeps_its_own_size(tmp_path):
+    # Backgrounds stored larger than the composites are fine (the loaders resize each part);
+    # the check is per part, so a wrong-size fg_bg is still caught.
+    zips = small_set(tmp_path, fg_bg={2: jpeg(3, 2 * IMAGE)}, bg=jpeg(9, 3 * IMAGE))
+    result = run_build(*zips, "--out", str(tmp_path / "o"))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["skipped"]["by_reason"] == {"size": 1}
+    assert manifest["images"]["bg"]["size"] == [3 * IMAGE, 3 * IMAGE]
+    assert manifest["images"]["fg_bg"]["size"] == [IMAGE, IMAGE]
+    check_loads(tmp_path / "o", "test", shard_keys(tmp_path / "o", "test"), 1)
 
 
 def test_image_size_option_sets_the_geometry_and_a_wrong_one_loses_nothing(tmp_path):
