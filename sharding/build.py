@@ -139,6 +139,11 @@ class Skips:
 def open_zip(path: str) -> zipfile.ZipFile:
     """Open a zip or raise a one-line ``BuildError`` naming the file."""
     if not os.path.exists(path):
+        if re.fullmatch(r"batch_?\d+", path, re.IGNORECASE):  # `--test-zips batch1 batch2`
+            raise BuildError(
+                f"{path}: no such file; to name several test zips, join them with commas: "
+                "--test-zips batch1,batch2"
+            )
         raise BuildError(f"{path}: no such file")
     if os.path.isdir(path):
         raise BuildError(f"{path}: is a directory, expected a batch zip")
@@ -158,7 +163,6 @@ def scan_zips(cfg: ShardConfig, skips: Skips) -> tuple[list[SampleRef], dict, li
     samples: list[SampleRef] = []
     ignored: Counter = Counter()
     member_bytes: list[int] = []
-    _check_distinct(cfg.zips)
     for zip_index, path in enumerate(cfg.zips):
         name = os.path.basename(path)
         with open_zip(path) as zf:
@@ -179,6 +183,7 @@ def scan_zips(cfg: ShardConfig, skips: Skips) -> tuple[list[SampleRef], dict, li
             _check_key_fits(path, max((ref.key for ref in paired), key=len))
         member_bytes.extend(infos[m].file_size for ref in paired for m in ref.members)
         samples.extend(paired)
+    _check_distinct(cfg.zips)  # after the loop: a missing or broken zip is the first error
     return samples, dict(sorted(ignored.items())), member_bytes
 
 
@@ -879,7 +884,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     )
     p.add_argument("--strict", action="store_true", help="fail on any skipped sample")
     p.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
-    a = p.parse_args(argv)
+    # Intermixed: zips may come before and after options (`--test-zips batch1 zips...`).
+    a = p.parse_intermixed_args(argv)
     if a.samples_per_shard is not None and a.samples_per_shard < 1:
         p.error("--samples-per-shard must be at least 1")
     if a.workers < 1:

@@ -585,6 +585,13 @@ def test_test_zips_before_the_zips_is_parsed(tmp_path):
     assert shard_keys(tmp_path / "o", "test") == {"batch1-1_1_0_1", "batch1-1_1_0_2"}
 
 
+def test_test_zips_with_spaces_gets_a_hint(tmp_path):
+    zips = small_set(tmp_path)
+    result = run_build(*zips, "--out", str(tmp_path / "o"), "--test-zips", "batch1", "batch2")
+    one_line_error(result, "batch2: no such file", "--test-zips batch1,batch2")
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_same_zip_twice_or_a_key_clash_is_refused(tmp_path):
     zips = small_set(tmp_path)
     one_line_error(run_build(*zips, zips[0], "--out", str(tmp_path / "o")), "given twice")
@@ -610,14 +617,14 @@ def test_every_build_option_has_help():
     import sharding.build as build_module
 
     captured = {}
-    original = argparse.ArgumentParser.parse_args
+    original = argparse.ArgumentParser.parse_intermixed_args
 
     def capture(self, args=None, namespace=None):
         captured["parser"] = self
         return original(self, args, namespace)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(argparse.ArgumentParser, "parse_args", capture)
+        mp.setattr(argparse.ArgumentParser, "parse_intermixed_args", capture)
         build_module.parse_args(["a.zip", "b.zip", "--out", "x"])
     actions = [a for a in captured["parser"]._actions if a.dest != "help"]
     assert actions and all(a.help for a in actions), [a.dest for a in actions if not a.help]
