@@ -11,6 +11,7 @@ under both loaders (DALI CPU and torch).
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
@@ -252,7 +253,9 @@ def check_loads(out: Path, split: str, keys: set[str], channels: int) -> None:
         cfg = LoaderConfig(
             backend=backend,
             batch_size=4,
-            num_threads=1,
+            # The torch backend decodes in this process: a DataLoader worker forked from a
+            # process holding DALI pipelines can hang in the child's garbage collection.
+            num_threads=0 if backend == "torch" else 1,
             augment=False,
             image_size=IMAGE,
             depth_size=DEPTH,
@@ -260,7 +263,7 @@ def check_loads(out: Path, split: str, keys: set[str], channels: int) -> None:
             num_shards=1,
         )
         loader = build_loader(out, split, cfg)
-        seen = []
+        seen, batch = [], None
         for batch in loader.epoch(0):
             count = len(batch["key"])
             assert batch["bg"].shape == batch["fg_bg"].shape == (count, channels, IMAGE, IMAGE)
@@ -268,6 +271,8 @@ def check_loads(out: Path, split: str, keys: set[str], channels: int) -> None:
             assert batch["depth"].shape == (count, 1, DEPTH, DEPTH)
             seen += batch["key"]
         assert sorted(seen) == sorted(keys), backend
+        del loader, batch
+        gc.collect()  # free DALI's pipelines and threads now, before anything forks
 
 
 # --- the property ---------------------------------------------------------------------------
