@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -333,7 +333,24 @@ def check_build_of(spec: dict) -> None:
             check_loads(out, split, in_shards[split], channels)
 
 
+def plain_zip(**sample) -> dict:
+    base = {"bg": 1, "f": 1, "flip": 0, "n": 1, "kind": "plain", "part": "fg_bg"}
+    spec = {"samples": [{**base, "where": 0.0, "bit": 0, **sample}], "bg_kind": "plain"}
+    return {**spec, "nested": False, "deflated": False, "odd_names": []}
+
+
+# Found by this test: a flipped bit turned the marker of the second Huffman table (after the
+# frame header) from FF C4 into FE C4. PIL decodes around it; DALI stops the epoch.
+DAMAGED_MARKER_AFTER_FRAME = {
+    "zips": [plain_zip(), plain_zip(kind="flip_header", where=0.41015625)],
+    "rgb": False,
+    "explicit_geometry": True,
+    "truncate_zip": False,
+}
+
+
 @settings(settings.get_profile("damage"))
+@example(DAMAGED_MARKER_AFTER_FRAME)
 @given(dataset_spec)
 def test_damaged_zips_build_cleanly_and_every_shard_sample_loads(spec):
     check_build_of(spec)
@@ -444,6 +461,17 @@ def test_a_split_left_empty_by_skips_is_refused(tmp_path):
     out = tmp_path / "o"
     one_line_error(run_build(*zips, "--out", str(out)), "test split would be empty")
     assert out.is_dir() and not list(out.iterdir())
+
+
+def test_a_damaged_marker_after_the_frame_header_is_caught_by_the_header_check():
+    from sharding.jpeg import JpegError, decode_check, parse_header
+
+    data = jpeg(8, IMAGE)
+    dht = data.find(b"\xff\xc4", data.find(b"\xff\xc0"))
+    damaged_marker = data[:dht] + b"\xfe" + data[dht + 1 :]
+    decode_check(damaged_marker)  # PIL decodes around it...
+    with pytest.raises(JpegError, match=f"bad segment marker at byte {dht}"):
+        parse_header(damaged_marker)  # ...the build does not let it through to DALI
 
 
 def test_cmyk_is_skipped_with_its_own_reason(tmp_path):
