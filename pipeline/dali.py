@@ -279,8 +279,9 @@ class _Run:
             index_paths=index_paths,
             graph=graph,
             gpu=self.gpu,
-            # "path:offset:member"; a tar member name is at most 256 bytes.
-            key_len=max(len(p) for p in paths) + 1 + 20 + 1 + 256,
+            # "path:offset:member" in bytes (UTF-8: a non-ASCII path is longer than its str);
+            # a tar member name is at most 256 bytes.
+            key_len=max(len(p.encode()) for p in paths) + 1 + 20 + 1 + 256,
             batch_size=cfg.batch_size,
             num_threads=max(1, resolve_threads(cfg)),
             device_id=device_id,

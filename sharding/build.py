@@ -36,6 +36,7 @@ import zipfile
 import zlib
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,16 +51,20 @@ from sharding.shard_format import (
     FORMAT_VERSION,
     INDEX_SUFFIX,
     MANIFEST,
+    MEMBER_EXTS,
     META_EXT,
     PARTS,
     SHARD_FILE,
     SPLITS,
     TAR_SUFFIX,
     image_ext,
+    image_summary,
+    member_name,
     shard_stem,
+    split_channels,
     write_manifest,
 )
-from sharding.tario import ShardWriter
+from sharding.tario import ShardWriter, ustar_header
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +72,8 @@ log = logging.getLogger(__name__)
 _OWN_FILE = re.compile(rf"{SHARD_FILE.pattern}|{re.escape(MANIFEST)}|{re.escape(TMP_PREFIX)}.*")
 # Tar headers and the JSON member add about this much to each sample's JPEG bytes.
 _SAMPLE_OVERHEAD = 5 * 1024 + 200
+# A zip member larger than this is refused unread: a 160x160 JPEG is a few kB.
+MAX_MEMBER_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,8 @@ class ShardConfig:
     verify: str = "header"  # "header" or "decode"
     strict: bool = False
     overwrite: bool = False
+    image_size: int | None = None  # bg, fg_bg and mask side; None: the first accepted sample's
+    depth_size: int | None = None  # depth side; None: the first accepted sample's
 
 
 class BuildError(Exception):
@@ -110,6 +119,8 @@ class Skips:
 
     def add(self, zip_name: str, member: str, reason: str, detail: str = "") -> None:
         item = {"zip": zip_name, "member": member, "reason": reason}
+        if reason != "bad_name":  # a name that does not parse names no sample
+            item["sample"] = member
         if detail:
             item["detail"] = detail
         self.items.append(item)
@@ -128,6 +139,11 @@ class Skips:
 def open_zip(path: str) -> zipfile.ZipFile:
     """Open a zip or raise a one-line ``BuildError`` naming the file."""
     if not os.path.exists(path):
+        if re.fullmatch(r"batch_?\d+", path, re.IGNORECASE):  # `--test-zips batch1 batch2`
+            raise BuildError(
+                f"{path}: no such file; to name several test zips, join them with commas: "
+                "--test-zips batch1,batch2"
+            )
         raise BuildError(f"{path}: no such file")
     if os.path.isdir(path):
         raise BuildError(f"{path}: is a directory, expected a batch zip")
@@ -150,9 +166,10 @@ def scan_zips(cfg: ShardConfig, skips: Skips) -> tuple[list[SampleRef], dict, li
     for zip_index, path in enumerate(cfg.zips):
         name = os.path.basename(path)
         with open_zip(path) as zf:
-            infos = {i.filename: i for i in zf.infolist()}
+            listing = zf.infolist()
+        infos = {i.filename: i for i in listing}
         _scanned[path] = infos
-        layout = classify(list(infos))
+        layout = classify([i.filename for i in listing])
         if not layout.found_any_folder:
             raise BuildError(
                 f"{path}: none of the expected folders (bg_jpg/, fg_bg_jpg/, mask_black_jpg/, "
@@ -162,16 +179,56 @@ def scan_zips(cfg: ShardConfig, skips: Skips) -> tuple[list[SampleRef], dict, li
         for member, _part in layout.unparsed:
             skips.add(name, member, "bad_name")
         paired = list(_pair(zip_index, name, layout, skips, ignored))
+        if paired:
+            _check_key_fits(path, max((ref.key for ref in paired), key=len))
         member_bytes.extend(infos[m].file_size for ref in paired for m in ref.members)
         samples.extend(paired)
+    _check_distinct(cfg.zips)  # after the loop: a missing or broken zip is the first error
     return samples, dict(sorted(ignored.items())), member_bytes
+
+
+def _check_distinct(zips: tuple[str, ...]) -> None:
+    """Refuse a zip given twice, or two zips whose samples would get the same keys."""
+    seen: dict[str, str] = {}
+    for path in zips:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise BuildError(f"{path}: given twice (as {seen[real]} too); list each zip once")
+        seen[real] = path
+    tags: dict[str, str] = {}
+    for path in zips:
+        tag = zip_tag(os.path.basename(path))
+        if tag in tags:
+            raise BuildError(
+                f"{path} and {tags[tag]} would both name their samples {tag}-...; rename one "
+                "(sample keys come from the batch number, or else the zip's name)"
+            )
+        tags[tag] = path
+
+
+def _check_key_fits(path: str, key: str) -> None:
+    """Every tar member name must fit USTAR's 100 bytes; the zip's name sets the key's prefix."""
+    longest = max(MEMBER_EXTS, key=len)
+    try:
+        ustar_header(member_name(key, longest), 0)
+    except ValueError as e:
+        raise BuildError(
+            f"{path}: sample keys such as {key!r} are too long for a tar shard ({e}); "
+            "give the zip a shorter name, such as batch1_images.zip"
+        ) from None
 
 
 def _pair(zip_index: int, name: str, layout: ZipLayout, skips: Skips, ignored: Counter):
     tag = zip_tag(name)
+    duplicated = {part_id for part_id in layout.duplicates}
     for sample_id in sorted(layout.fg_bg):
         f, b, flip, n = sample_id
         fg_bg = layout.fg_bg[sample_id]
+        if ("fg_bg", sample_id) in duplicated:
+            # Which of the same-named images is the sample? Neither is taken; each is counted.
+            for member in layout.duplicates[("fg_bg", sample_id)]:
+                skips.add(name, member, "duplicate", "more than one member names this sample")
+            continue
         found = {
             "bg": layout.bg.get(b),
             "mask": layout.mask.get(sample_id),
@@ -180,6 +237,15 @@ def _pair(zip_index: int, name: str, layout: ZipLayout, skips: Skips, ignored: C
         missing = [part for part, member in found.items() if member is None]
         if missing:
             skips.add(name, fg_bg, f"missing_{missing[0]}")
+            continue
+        clash = [
+            part
+            for part, ident in (("bg", b), ("mask", sample_id), ("depth", sample_id))
+            if (part, ident) in duplicated
+        ]
+        if clash:
+            others = layout.duplicates[(clash[0], b if clash[0] == "bg" else sample_id)]
+            skips.add(name, fg_bg, "duplicate", f"{clash[0]} is ambiguous: {', '.join(others)}")
             continue
         key = f"{tag}-{f}_{b}_{flip}_{n}"
         yield SampleRef(
@@ -190,7 +256,15 @@ def _pair(zip_index: int, name: str, layout: ZipLayout, skips: Skips, ignored: C
 
 
 def choose_test_zips(cfg: ShardConfig) -> set[int]:
-    """Indexes of the zips that form the test split: by default the highest-numbered batch."""
+    """Indexes of the zips that form the test split: by default the highest-numbered batch.
+
+    Both splits get at least one zip: train.py evaluates on the test split every epoch.
+    """
+    if len(cfg.zips) == 1:
+        raise BuildError(
+            f"only one zip given ({cfg.zips[0]}): the test split is made of whole zips, so give "
+            "two or more (the highest batch is the test split, or name it with --test-zips)"
+        )
     if cfg.test_zips is not None:
         wanted = set(cfg.test_zips)
         chosen = {
@@ -205,10 +279,12 @@ def choose_test_zips(cfg: ShardConfig) -> set[int]:
         }
         if unknown:
             raise BuildError(f"--test-zips {' '.join(sorted(unknown))}: not among the input zips")
+        if len(chosen) == len(cfg.zips):
+            raise BuildError(
+                f"--test-zips {','.join(cfg.test_zips)}: names every input zip, which leaves "
+                "no zip for the train split"
+            )
         return chosen
-    if len(cfg.zips) == 1:
-        log.warning("only one zip given: every sample goes to train and the test split is empty")
-        return set()
     numbers = [batch_number(os.path.basename(p)) for p in cfg.zips]
     if None in numbers:
         raise BuildError(
@@ -218,14 +294,49 @@ def choose_test_zips(cfg: ShardConfig) -> set[int]:
     return {numbers.index(max(numbers))}
 
 
+def find_geometry(cfg: ShardConfig, samples: list[SampleRef]) -> dict[str, tuple[int, int]]:
+    """(width, height) every image of each part must declare: ``--image-size``/``--depth-size``
+    where given, else the first accepted sample's (in zip and name order).
+
+    Every later image is checked against it from its frame header alone, so one 8000x8000
+    fg_bg is skipped here instead of stopping a DALI batch mid-epoch.
+    """
+    given = {}
+    if cfg.image_size is not None:
+        given.update(dict.fromkeys(("bg", "fg_bg", "mask"), (cfg.image_size, cfg.image_size)))
+    if cfg.depth_size is not None:
+        given["depth"] = (cfg.depth_size, cfg.depth_size)
+    if len(given) == len(PARTS):
+        return given
+    for ref in samples:
+        zf = _zip(cfg.zips[ref.zip_index])
+        sizes = {}
+        try:
+            for part, member in zip(PARTS, ref.members):
+                _, info = _read_checked(zf, member, "header", given.get(part))
+                sizes[part] = (info.width, info.height)
+        except (JpegError, Rejected, zipfile.BadZipFile, OSError):
+            continue  # not accepted: the workers skip it with its reason
+        # Per part: the loaders resize each part from its stored size, which must be one size.
+        return sizes
+    if given:  # caught before --out is touched: a previous build there stays as it was
+        wanted = ", ".join(f"{p} {w}x{h}" for p, (w, h) in given.items())
+        raise BuildError(
+            f"no sample in the zips has every image at the size given ({wanted}); "
+            "check --image-size and --depth-size, or leave them out to use the zips' own"
+        )
+    return given
+
+
 # --- writing shards (runs in worker processes) -----------------------------------------------
 
 
 class ZipReader:
-    """Reads one zip's members; stored (uncompressed) ones straight from a memory map.
+    """Reads one zip's members straight from a memory map, stored or deflated.
 
-    ``ZipFile.read`` costs a file object, a seek and a header parse per member; slicing a map
-    and checking the CRC ourselves is several times faster for the JPEGs zips usually store.
+    ``ZipFile.read`` costs a file object, a seek and a header parse per member; slicing a map,
+    inflating it with zlib and checking the CRC ourselves is several times faster. Only other
+    compression methods (bzip2, lzma), which the dataset's zips never use, go through zipfile.
     """
 
     def __init__(self, path: str, infos: dict[str, zipfile.ZipInfo] | None = None):
@@ -246,16 +357,41 @@ class ZipReader:
         return self._zf
 
     def read(self, name: str) -> bytes:
+        """The member's bytes, CRC-checked; ``zipfile.BadZipFile`` says what is wrong."""
         info = self.infos[name]
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:  # deflated/encrypted
-            return self.zipfile.read(name)
+        if info.flag_bits & 0x1:
+            raise zipfile.BadZipFile(f"{name!r} is encrypted")
+        if info.file_size > MAX_MEMBER_BYTES:  # no JPEG of this dataset comes near; a zip bomb
+            raise zipfile.BadZipFile(
+                f"{name!r} is {info.file_size:,} bytes, over the {MAX_MEMBER_BYTES:,} a JPEG "
+                "of this dataset could need"
+            )
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            try:
+                return self.zipfile.read(name)
+            except (NotImplementedError, RuntimeError, EOFError, ValueError, zlib.error) as e:
+                raise zipfile.BadZipFile(f"cannot read {name!r} ({e})") from None
         offset = info.header_offset
         if self.map[offset : offset + 4] != b"PK\x03\x04":
             raise zipfile.BadZipFile(f"bad local header for {name!r}")
         name_len, extra_len = struct.unpack_from("<HH", self.map, offset + 26)
         start = offset + 30 + name_len + extra_len
         data = self.map[start : start + info.compress_size]
-        if len(data) != info.compress_size or zlib.crc32(data) != info.CRC:
+        if len(data) != info.compress_size:
+            raise zipfile.BadZipFile(f"{name!r} runs past the end of the zip")
+        if info.compress_type == zipfile.ZIP_DEFLATED:
+            # A raw deflate stream (wbits -15); never inflate past the declared size.
+            inflater = zlib.decompressobj(-15)
+            try:
+                data = inflater.decompress(data, info.file_size + 1)
+            except zlib.error as e:
+                raise zipfile.BadZipFile(f"cannot inflate {name!r} ({e})") from None
+            if len(data) != info.file_size or not inflater.eof:
+                raise zipfile.BadZipFile(
+                    f"{name!r} inflates to {len(data):,} bytes, not the {info.file_size:,} "
+                    "its directory entry says"
+                )
+        if zlib.crc32(data) != info.CRC:
             raise zipfile.BadZipFile(f"Bad CRC-32 for file {name!r}")
         return data
 
@@ -279,17 +415,55 @@ def _zip(path: str) -> ZipReader:
     return _open_zips[key]
 
 
-def _read_checked(zf: ZipReader, member: str, verify: str):
+class Rejected(Exception):
+    """A readable JPEG the dataset cannot use; ``reason`` is the skip reason."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def _read_checked(zf: ZipReader, member: str, verify: str, expected: tuple[int, int] | None):
+    """Read, CRC-check and header-check one JPEG; check its declared size before any decode."""
     data = zf.read(member)  # checks the CRC
     info = parse_header(data)
+    if info.mode == "CMYK":
+        # DALI's CPU decoder and PIL convert CMYK alike (within 1), but the GPU decoders and
+        # Adobe's inverted CMYK are not tested here; no image of this dataset is CMYK.
+        raise Rejected("cmyk", "4-component (CMYK) JPEG; save it as greyscale or RGB")
+    if expected is not None and (info.width, info.height) != expected:
+        # Checked from the frame header alone, so a decompression bomb is never decoded.
+        raise Rejected(
+            "size",
+            f"declares {info.width}x{info.height}, the dataset's images are "
+            f"{expected[0]}x{expected[1]}",
+        )
     if verify == "decode":
         decode_check(data)
     return data, info
 
 
+def _read_part(zf, ref, part, member, verify, geometry, bg_cache):
+    """One part of a sample; one bg serves thousands of samples, so it is read once."""
+    expected = geometry.get(part) if geometry else None
+    if part != "bg":
+        return _read_checked(zf, member, verify, expected)
+    cache_key = (ref.zip_index, member)
+    if cache_key not in bg_cache:
+        try:
+            bg_cache[cache_key] = _read_checked(zf, member, verify, expected)
+        except (JpegError, Rejected, zipfile.BadZipFile, OSError) as e:
+            bg_cache[cache_key] = e
+    cached = bg_cache[cache_key]
+    if isinstance(cached, Exception):
+        raise cached
+    return cached
+
+
 def write_shard(job: dict) -> dict:
     """Stage one shard's tar and index under temporary names; return its record and skips."""
     zips, verify, out, staged = job["zips"], job["verify"], Path(job["out"]), job["staged"]
+    geometry = job.get("geometry")
     writer = ShardWriter()
     skipped: list[dict] = []
     image_stats: Counter = Counter()
@@ -297,21 +471,13 @@ def write_shard(job: dict) -> dict:
     for ref in job["samples"]:
         zf = _zip(zips[ref.zip_index])
         members: dict[str, bytes] = {}
+        infos = []
         for part, member in zip(PARTS, ref.members):
             try:
-                if part == "bg":  # one bg serves thousands of samples: read and check it once
-                    cache_key = (ref.zip_index, member)
-                    if cache_key not in bg_cache:
-                        try:
-                            bg_cache[cache_key] = _read_checked(zf, member, verify)
-                        except (JpegError, zipfile.BadZipFile, OSError) as e:
-                            bg_cache[cache_key] = e
-                    cached = bg_cache[cache_key]
-                    if isinstance(cached, Exception):
-                        raise cached
-                    data, info = cached
-                else:
-                    data, info = _read_checked(zf, member, verify)
+                data, info = _read_part(zf, ref, part, member, verify, geometry, bg_cache)
+            except Rejected as e:
+                skipped.append(_skip(zips, ref, member, e.reason, str(e)))
+                break
             except JpegError as e:
                 skipped.append(_skip(zips, ref, member, f"corrupt_{part}", str(e)))
                 break
@@ -319,7 +485,7 @@ def write_shard(job: dict) -> dict:
                 skipped.append(_skip(zips, ref, member, "unreadable_member", str(e)))
                 break
             members[image_ext(part)] = data
-            image_stats[(part, info.mode, info.width, info.height)] += 1
+            infos.append((part, info))
         else:
             meta = {
                 "fg": ref.fg,
@@ -329,7 +495,13 @@ def write_shard(job: dict) -> dict:
                 "zip": os.path.basename(zips[ref.zip_index]),
             }
             members[META_EXT] = json.dumps(meta, sort_keys=True).encode()
-            writer.add_sample(ref.key, members)
+            try:
+                writer.add_sample(ref.key, members)
+            except ValueError as e:  # a name tar cannot hold; scan_zips should have caught it
+                raise BuildError(f"{zips[ref.zip_index]}: {ref.members[1]}: {e}") from None
+            # Counted only for samples that went in, so the manifest describes the shards.
+            for part, info in infos:
+                image_stats[(part, info.mode, info.width, info.height)] += 1
     tar_chunks, index_bytes = writer.finish()
     count = len(writer.samples)
     digest = hashlib.sha256()
@@ -351,7 +523,8 @@ def write_shard(job: dict) -> dict:
 def _skip(zips, ref: SampleRef, member: str, reason: str, detail: str) -> dict:
     return {
         "zip": os.path.basename(zips[ref.zip_index]),
-        "member": member,
+        "member": member,  # the image that failed
+        "sample": ref.members[1],  # the sample's fg_bg, which names it
         "reason": reason,
         "detail": detail,
     }
@@ -366,9 +539,16 @@ def _write_file(path: Path, chunks: list[bytes]) -> None:
         raise BuildError(f"{path}: write failed ({e.strerror})") from None
 
 
-def _ignore_sigint() -> None:
-    # The parent handles Ctrl-C and cleans up; workers just stop when the pool shuts down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _worker_init() -> None:
+    # The parent handles Ctrl-C and SIGTERM, which `timeout` and a terminal send to the whole
+    # group, and kills the workers itself. They were forked with both signals blocked (see
+    # _start_pool), so none can reach the parent's Python handler in here first.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
 
 # --- the build ------------------------------------------------------------------------------
@@ -442,6 +622,7 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
         )
     if not samples:
         raise BuildError("no complete samples found in the input zips")
+    geometry = find_geometry(cfg, samples)
     per_shard = cfg.samples_per_shard or max(
         1, cfg.shard_bytes // (sum(member_bytes) // len(samples) + _SAMPLE_OVERHEAD)
     )
@@ -450,22 +631,34 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
     # Workers write each shard here; for s3:// it is a local directory the uploads drain.
     staging = tempfile.mkdtemp(prefix="maskdepth-build-") if remote else out
     try:
-        jobs = plan_jobs(samples, test_idx, per_shard, cfg, zips, staging)
+        jobs = plan_jobs(samples, test_idx, per_shard, cfg, zips, staging, geometry)
         publish = _Uploader(out, staging) if remote else None
         results = _run_jobs(jobs, cfg.workers, len(samples), progress, staging, publish)
         for result in results:
             skips.items.extend(result["skipped"])
+        problem = None
         if cfg.strict and skips.items:
-            _remove_tmp(staging)
             first = skips.items[0]
-            raise BuildError(f"--strict: {first['zip']}: {first['member']}: {first['reason']}")
-        return _finalise(cfg, out, jobs, results, skips, ignored, per_shard)
+            problem = f"--strict: {first['zip']}: {first['member']}: {first['reason']}"
+        for split in SPLITS:
+            if not any(r["samples"] for j, r in zip(jobs, results) if j["split"] == split):
+                reasons = dict(Counter(i["reason"] for i in skips.items))
+                problem = problem or (
+                    f"the {split} split would be empty: every one of its samples was skipped "
+                    f"({reasons}); train.py needs both splits"
+                )
+        if problem:
+            _remove_tmp(staging)
+            raise BuildError(problem)
+        return _finalise(cfg, out, jobs, results, skips, ignored, per_shard, geometry)
     finally:
         if remote:
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def plan_jobs(samples, test_idx, per_shard, cfg: ShardConfig, zips, staging: str) -> list[dict]:
+def plan_jobs(
+    samples, test_idx, per_shard, cfg: ShardConfig, zips, staging: str, geometry=None
+) -> list[dict]:
     """One job per shard: its split, samples, and the temporary name a worker writes it to."""
     jobs = []
     for split in SPLITS:
@@ -479,6 +672,7 @@ def plan_jobs(samples, test_idx, per_shard, cfg: ShardConfig, zips, staging: str
                     "samples": shard,
                     "zips": zips,
                     "verify": cfg.verify,
+                    "geometry": geometry,
                     "out": staging,
                     # Staged under the atomic writer's prefix, so any cleanup finds it; renamed
                     # to its final, contiguous name only once every shard is written.
@@ -520,24 +714,26 @@ def _run_jobs(jobs, workers, total, progress, out: str, publish=None) -> list[di
         total=total, unit="sample", desc="build", disable=None if progress else True, smoothing=0.1
     )
     results = []
+    pool = None
     try:
         if workers > 1:
-            with ProcessPoolExecutor(workers, initializer=_ignore_sigint) as pool:
-                for job, result in zip(jobs, pool.map(write_shard, jobs)):
-                    if publish:
-                        publish(job, result)
-                    results.append(result)
-                    bar.update(result["samples"] + len(result["skipped"]))
+            pool, futures = _start_pool(workers, jobs)
+            outcomes = (future.result() for future in futures)
         else:
-            for job in jobs:
-                result = write_shard(job)
-                if publish:
-                    publish(job, result)
-                results.append(result)
-                bar.update(result["samples"] + len(result["skipped"]))
+            outcomes = (write_shard(job) for job in jobs)
+        for job, result in zip(jobs, outcomes):
+            if publish:
+                publish(job, result)
+            results.append(result)
+            bar.update(result["samples"] + len(result["skipped"]))
     except BaseException:
+        if pool is not None:
+            _stop_pool(pool)  # before the cleanup: a live worker could still stage a shard
         _remove_tmp(out)
         raise
+    else:
+        if pool is not None:
+            pool.shutdown()
     finally:
         bar.close()
         for key in [k for k in _open_zips if k[0] == os.getpid()]:
@@ -545,12 +741,38 @@ def _run_jobs(jobs, workers, total, progress, out: str, publish=None) -> list[di
     return results
 
 
+def _start_pool(workers: int, jobs: list[dict]):
+    """A process pool with every job submitted; the workers ignore SIGINT and SIGTERM."""
+    pool = ProcessPoolExecutor(workers, initializer=_worker_init)
+    # With fork, the first submit starts every worker; block the stop signals meanwhile so
+    # that each worker starts with them blocked. One that arrives now reaches the parent
+    # when the block lifts.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        futures = [pool.submit(write_shard, job) for job in jobs]
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    return pool, futures
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Kill the workers now: ``shutdown`` alone would wait for every queued shard."""
+    # The pool keeps its processes in a private attribute; there is no public way to end
+    # them, and waiting for the queue is what once made an interrupted build hang.
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.join(timeout=5)
+
+
 def _remove_tmp(out: str) -> None:
     for p in Path(out).glob(f"{TMP_PREFIX}*"):
         p.unlink(missing_ok=True)
 
 
-def _finalise(cfg, out: str, jobs, results, skips: Skips, ignored, per_shard) -> dict:
+def _finalise(cfg, out: str, jobs, results, skips: Skips, ignored, per_shard, geometry) -> dict:
     """Rename finished shards to contiguous names, then write the manifest last.
 
     For an s3:// ``out`` the ``_Uploader`` has already stored them under those names.
@@ -580,11 +802,11 @@ def _finalise(cfg, out: str, jobs, results, skips: Skips, ignored, per_shard) ->
                 "sha256": result["sha256"],
             }
         )
-    images = _image_summary(stats)
+    images = image_summary(stats)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "channels": 3 if images.get("fg_bg", {}).get("mode") == "RGB" else 1,
+        "channels": split_channels(images),
         "images": images,
         "splits": splits,
         "skipped": skips.summary(),
@@ -594,6 +816,8 @@ def _finalise(cfg, out: str, jobs, results, skips: Skips, ignored, per_shard) ->
             "zips": [os.path.basename(z) for z in cfg.zips],  # no absolute paths: keeps builds
             "out": None,  # byte-identical wherever they are written
             "samples_per_shard": per_shard,
+            # What every image was checked against: given, or the first accepted sample's.
+            "geometry": {part: list(size) for part, size in sorted(geometry.items())},
         },
         "sources": [os.path.basename(z) for z in cfg.zips],
     }
@@ -604,25 +828,6 @@ def _finalise(cfg, out: str, jobs, results, skips: Skips, ignored, per_shard) ->
     except OSError as e:
         raise BuildError(f"{storage.join(out, MANIFEST)}: write failed ({e.strerror})") from None
     return manifest
-
-
-def _image_summary(stats: Counter) -> dict:
-    """Mode and size of each part (the most common), with every variant counted."""
-    summary = {}
-    for part in PARTS:
-        variants = {(m, w, h): n for (p, m, w, h), n in stats.items() if p == part}
-        if not variants:
-            continue
-        mode, w, h = max(variants, key=lambda k: (variants[k], k))
-        summary[part] = {
-            "mode": mode,
-            "size": [w, h],
-            "variants": [
-                {"mode": m, "size": [vw, vh], "count": n}
-                for (m, vw, vh), n in sorted(variants.items())
-            ],
-        }
-    return summary
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -644,13 +849,33 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     )
     p.add_argument(
         "--test-zips",
-        nargs="*",
-        help="zips (file names or batchN) for the test split; default: the highest batch",
+        action="append",
+        metavar="ZIP[,ZIP...]",
+        help="zips (file names or batchN) for the test split, comma-separated or repeated; "
+        "default: the highest-numbered batch",
     )
-    p.add_argument("--seed", type=int, default=0, help="global shuffle seed")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the global shuffle of samples into shards"
+    )
     p.add_argument("--shard-mb", type=float, default=100, help="target shard size in MB")
-    p.add_argument("--samples-per-shard", type=int, help="overrides --shard-mb")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--samples-per-shard", type=int, help="samples per shard; overrides --shard-mb")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="processes that read, check and write shards in parallel",
+    )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="side in pixels every bg, fg_bg and mask must declare; others are skipped "
+        "(default: the first complete sample's)",
+    )
+    p.add_argument(
+        "--depth-size",
+        type=int,
+        help="side in pixels every depth map must declare (default: the first complete sample's)",
+    )
     p.add_argument(
         "--verify",
         choices=("header", "decode"),
@@ -659,15 +884,24 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
     )
     p.add_argument("--strict", action="store_true", help="fail on any skipped sample")
     p.add_argument("--overwrite", action="store_true", help="replace a previous build in --out")
-    a = p.parse_args(argv)
+    # Intermixed: zips may come before and after options (`--test-zips batch1 zips...`).
+    a = p.parse_intermixed_args(argv)
     if a.samples_per_shard is not None and a.samples_per_shard < 1:
         p.error("--samples-per-shard must be at least 1")
     if a.workers < 1:
         p.error(f"--workers must be at least 1, got {a.workers}")
+    for option in ("image_size", "depth_size"):
+        if getattr(a, option) is not None and getattr(a, option) < 1:
+            p.error(f"--{option.replace('_', '-')} must be at least 1 pixel")
+    test_zips = None
+    if a.test_zips is not None:
+        test_zips = tuple(name for value in a.test_zips for name in value.split(",") if name)
+        if not test_zips:
+            p.error("--test-zips needs a zip name or batchN, e.g. --test-zips batch1")
     return ShardConfig(
         zips=tuple(a.zips),
         out=a.out,
-        test_zips=tuple(a.test_zips) if a.test_zips is not None else None,
+        test_zips=test_zips,
         seed=a.seed,
         shard_bytes=int(a.shard_mb * 1e6),
         samples_per_shard=a.samples_per_shard,
@@ -675,6 +909,8 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         verify=a.verify,
         strict=a.strict,
         overwrite=a.overwrite,
+        image_size=a.image_size,
+        depth_size=a.depth_size,
     )
 
 
@@ -686,35 +922,73 @@ def print_summary(manifest: dict, elapsed: float, out: str) -> None:
     for name, split in splits.items():
         size = sum(s["bytes"] for s in split["shards"]) / 1e6
         print(
-            f"  {name:5s} {split['samples']:>9,d} samples in {len(split['shards'])} shards, "
-            f"{size:,.1f} MB"
+            f"  {name:5s} {_count(split['samples'], 'sample', ',d')} in "
+            f"{_count(len(split['shards']), 'shard')}, {size:,.1f} MB"
         )
     for part, info in manifest["images"].items():
         print(f"  {part:6s} {info['mode']:3s} {info['size'][0]}x{info['size'][1]}")
-    print(f"  skipped {skipped['count']} samples {skipped['by_reason'] or ''}")
+    for part, info in manifest["images"].items():
+        if len(info.get("modes", {})) > 1:
+            mix = ", ".join(f"{n:,d} {mode}" for mode, n in info["modes"].items())
+            print(f"  {part:6s} mixes {mix}; loaded as {manifest['channels']} channel(s)")
+    print(f"  skipped {_count(skipped['count'], 'sample')} {skipped['by_reason'] or ''}")
     if manifest["ignored"]:
         print(f"  ignored members: {manifest['ignored']}")
     print(f"  manifest: {storage.join(out, MANIFEST)}")
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _count(n: int, noun: str, spec: str = "d") -> str:
+    """``1 shard``, ``2 shards``."""
+    return f"{n:{spec}} {noun}{'' if n == 1 else 's'}"
+
+
+class _Interrupt:
+    """SIGINT and SIGTERM handler: the first raises ``KeyboardInterrupt``; later ones are
+    ignored, so that a second Ctrl-C (or ``timeout``'s signal to the whole group) cannot
+    break off the cleanup that the first started."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, signum, frame):
+        self.count += 1
+        if self.count == 1:
+            raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials in ..."
     cfg = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up on kill as on Ctrl-C
+    handler = _Interrupt()
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
+    try:
+        return _run(cfg, start)
+    except KeyboardInterrupt:  # cleaned up on the way out (_run_jobs); nothing more to do
+        print("interrupted: no manifest was written; re-run the same command", file=sys.stderr)
+        return 130
+    finally:
+        for sig, old in previous.items():
+            # After an interrupt, stay deaf until the process ends: at exit Python resets a
+            # Python-level handler to the default, and a late second signal would then kill
+            # the process mid-exit (status -2, not 130); an ignored signal stays ignored.
+            signal.signal(sig, signal.SIG_IGN if handler.count else old)
+
+
+def _run(cfg: ShardConfig, start: float) -> int:
     try:
         manifest = build(cfg)
     except (BuildError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted: no manifest was written; re-run the same command", file=sys.stderr)
-        return 130
+    except BrokenProcessPool:
+        print(
+            "error: a worker process died (killed, or out of memory?); no manifest was written, "
+            "re-run the same command (with fewer --workers if memory is short)",
+            file=sys.stderr,
+        )
+        return 1
     except OSError as e:  # anything the specific checks did not foresee still gets one line
         print(f"error: {e.filename or cfg.out}: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -33,7 +33,11 @@ def parse_header(data: bytes) -> JpegInfo:
         raise JpegError("missing JPEG start marker")
     if data.rfind(b"\xff\xd9", max(0, len(data) - _EOI_WINDOW)) < 0:
         raise JpegError("missing JPEG end marker (truncated?)")
+    # Every segment up to the start of scan is walked, not just those before the frame header:
+    # libjpeg (PIL) skips a damaged marker after the frame header with a warning, while DALI's
+    # parser stops the pipeline on it ("Invalid marker"), mid-epoch.
     pos = 2
+    frame = None
     while pos + 4 <= len(data):
         if data[pos] != 0xFF:
             raise JpegError(f"bad segment marker at byte {pos}")
@@ -45,6 +49,8 @@ def parse_header(data: bytes) -> JpegInfo:
         if length < 2 or pos + 2 + length > len(data):
             raise JpegError(f"segment at byte {pos} runs past the end")
         if marker in _SOF:
+            if frame is not None:
+                raise JpegError(f"a second frame header at byte {pos}")
             if length < 8:
                 raise JpegError("frame header too short")
             height = int.from_bytes(data[pos + 5 : pos + 7], "big")
@@ -54,11 +60,15 @@ def parse_header(data: bytes) -> JpegInfo:
                 raise JpegError("zero image size in frame header")
             if components not in _MODES:
                 raise JpegError(f"unsupported component count {components}")
-            return JpegInfo(_MODES[components], width, height)
-        if marker == 0xDA:  # start of scan before any frame header
-            break
+            frame = JpegInfo(_MODES[components], width, height)
+        if marker == 0xDA:  # start of scan: the entropy-coded data follows
+            if frame is None:
+                break
+            return frame
         pos += 2 + length
-    raise JpegError("no frame header found")
+    if frame is None:
+        raise JpegError("no frame header found")
+    raise JpegError("no start of scan after the frame header")
 
 
 def decode_check(data: bytes) -> None:

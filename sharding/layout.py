@@ -25,14 +25,18 @@ FOLDERS = {
 # Real zips also carry the bare foregrounds and their masks; they are not part of a sample.
 EXTRA_FOLDERS = {"fg_jpg", "mask_jpg"}
 
-_STEM = r"(\d+)_(\d+)_([01])_(\d+)"
+# At most 9 digits a number: keys stay short enough for tar's 100-byte names, and a name of
+# thousands of digits cannot make int() fail.
+_NUMBER = r"(\d{1,9})"
+_STEM = rf"{_NUMBER}_{_NUMBER}_([01])_{_NUMBER}"
 _PATTERNS = {
-    "bg": re.compile(r"bg(?:_img)?_(\d+)\.jpe?g", re.IGNORECASE),
-    "fg_bg": re.compile(rf"fg_bg_{_STEM}\.jpe?g", re.IGNORECASE),
-    "mask": re.compile(rf"bg_mask_{_STEM}\.jpe?g", re.IGNORECASE),
-    "depth": re.compile(rf"depth(?:_fg_bg)?_{_STEM}\.jpe?g", re.IGNORECASE),
+    # ASCII: Python's \d also matches other scripts' digits, and int("٣") == 3.
+    "bg": re.compile(rf"bg(?:_img)?_{_NUMBER}\.jpe?g", re.IGNORECASE | re.ASCII),
+    "fg_bg": re.compile(rf"fg_bg_{_STEM}\.jpe?g", re.IGNORECASE | re.ASCII),
+    "mask": re.compile(rf"bg_mask_{_STEM}\.jpe?g", re.IGNORECASE | re.ASCII),
+    "depth": re.compile(rf"depth(?:_fg_bg)?_{_STEM}\.jpe?g", re.IGNORECASE | re.ASCII),
 }
-_BATCH_NUMBER = re.compile(r"batch_?(\d+)", re.IGNORECASE)
+_BATCH_NUMBER = re.compile(r"batch_?(\d{1,9})", re.IGNORECASE | re.ASCII)
 
 
 def is_junk(name: str) -> bool:
@@ -69,6 +73,9 @@ class ZipLayout:
     mask: dict[tuple[int, int, int, int], str] = field(default_factory=dict)
     depth: dict[tuple[int, int, int, int], str] = field(default_factory=dict)
     unparsed: list[tuple[str, str]] = field(default_factory=list)  # (member, part)
+    # (part, id) -> every member naming it, where more than one does: the same name twice in
+    # the zip, or names that differ only in case, leading zeros or a naming variant.
+    duplicates: dict[tuple[str, object], list[str]] = field(default_factory=dict)
     junk: int = 0
     extra: int = 0
     other: int = 0
@@ -100,9 +107,10 @@ def classify(names: list[str]) -> ZipLayout:
         m = _PATTERNS[part].fullmatch(parts[-1])
         if m is None:
             layout.unparsed.append((name, part))
-        elif part == "bg":
-            layout.bg[int(m.group(1))] = name
         else:
-            sample_id = tuple(int(g) for g in m.groups())
-            getattr(layout, part)[sample_id] = name
+            ident = int(m.group(1)) if part == "bg" else tuple(int(g) for g in m.groups())
+            found = getattr(layout, part)
+            if ident in found:
+                layout.duplicates.setdefault((part, ident), [found[ident]]).append(name)
+            found[ident] = name
     return layout

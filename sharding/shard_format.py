@@ -164,6 +164,44 @@ def index_data_end(samples: list[list[IndexEntry]]) -> int:
 
 
 # --- the manifest ---------------------------------------------------------------------------
+#
+# ``images`` describes the JPEGs in the shards, per part: ``mode`` and ``size`` are the most
+# common (every image of a part declares the same size: the build skips the others), and
+# ``modes`` counts greyscale (``L``) and colour (``RGB``) images, which may be mixed: both
+# loaders convert every image to the split's ``channels``. ``variants`` counts each (mode,
+# size). ``modes`` came later than the rest; readers must not require it.
+
+
+def image_summary(stats: dict[tuple[str, str, int, int], int]) -> dict[str, dict]:
+    """The manifest's ``images`` from counts of (part, mode, width, height)."""
+    summary = {}
+    for part in PARTS:
+        variants = {(m, w, h): n for (p, m, w, h), n in stats.items() if p == part}
+        if not variants:
+            continue
+        mode, w, h = max(variants, key=lambda k: (variants[k], k))
+        modes: dict[str, int] = {}
+        for (m, _, _), n in variants.items():
+            modes[m] = modes.get(m, 0) + n
+        summary[part] = {
+            "mode": mode,
+            "size": [w, h],
+            "modes": dict(sorted(modes.items())),
+            "variants": [
+                {"mode": m, "size": [vw, vh], "count": n}
+                for (m, vw, vh), n in sorted(variants.items())
+            ],
+        }
+    return summary
+
+
+def split_channels(images: dict[str, dict]) -> int:
+    """The channels bg and fg_bg are loaded with: 3 when most fg_bg images are colour, else 1.
+
+    The loaders convert every image to it, so a few grey images in a colour set (or the other
+    way round) load like the rest.
+    """
+    return 3 if images.get("fg_bg", {}).get("mode") == "RGB" else 1
 
 
 class ManifestError(ValueError):

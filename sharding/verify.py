@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import os
 import sys
 import tarfile
+import zipfile
 
 from tqdm import tqdm
 
@@ -128,6 +130,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data", help="shard directory or s3://BUCKET/PREFIX (with manifest.json)")
     p.add_argument("--decode", action="store_true", help="also decode every JPEG fully")
     a = p.parse_args(argv)
+    if not storage.is_url(a.data) and (os.path.isfile(a.data) or a.data.lower().endswith(".zip")):
+        if not os.path.exists(a.data):
+            what = "no such file"
+        else:
+            what = "is a zip" if zipfile.is_zipfile(a.data) else "is a file"
+        print(
+            f"error: {a.data}: {what}; verify takes a shard directory (with manifest.json). "
+            "Build shards from zips with: python -m sharding.build ZIPS --out DIR",
+            file=sys.stderr,
+        )
+        return 1
     try:
         counts = verify(a.data, decode=a.decode)
     except (VerifyError, storage.StorageError) as e:
