@@ -70,6 +70,7 @@ class TrainConfig:
     weight_decay: float = RECIPES["default"]["weight_decay"]
     schedule: str = RECIPES["default"]["schedule"]
     warmup: float = RECIPES["default"]["warmup"]
+    cooldown: float = RECIPES["default"]["cooldown"]
     lr_step: int = RECIPES["default"]["lr_step"]
     lr_gamma: float = RECIPES["default"]["lr_gamma"]
     mask_weight: float = RECIPES["default"]["mask_weight"]

@@ -51,6 +51,25 @@ def test_cosine_warms_up_then_decays_to_zero():
     assert factors[100] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_cosine_with_a_cooldown_holds_the_peak_then_decays_to_zero():
+    schedule = LrSchedule("cosine", total_steps=100, warmup_steps=10, steps_per_epoch=25,
+                          lr_step=2, lr_gamma=0.1, decay_steps=20)  # fmt: skip
+    factors = [schedule(step) for step in range(101)]
+    assert all(a < b for a, b in itertools.pairwise(factors[:11]))  # warm-up rises
+    assert factors[10:81] == [1.0] * 71  # the peak holds until the last 20 steps
+    assert all(a > b for a, b in itertools.pairwise(factors[80:]))  # then falls
+    assert factors[90] == pytest.approx(0.5)
+    assert factors[100] == pytest.approx(0.0, abs=1e-12)
+    # The default recipe cools down over its last quarter; --cooldown 1 is the plain cosine.
+    cfg = train.parse_args(["--data", "d", "--epochs", "4"])
+    _, scheduler = build_optimizer(cfg, nn.Linear(2, 1), steps_per_epoch=25)
+    shape = scheduler.lr_lambdas[0]
+    assert (shape.warmup_steps, shape.decay_steps) == (5, 25)
+    plain = train.parse_args(["--data", "d", "--epochs", "4", "--cooldown", "1"])
+    _, scheduler = build_optimizer(plain, nn.Linear(2, 1), steps_per_epoch=25)
+    assert scheduler.lr_lambdas[0].decay_steps == 95 and scheduler.lr_lambdas[0](55) < 0.9
+
+
 def test_step_schedule_matches_torchvision_steplr_per_epoch():
     schedule = LrSchedule("step", total_steps=60, warmup_steps=0, steps_per_epoch=10,
                           lr_step=2, lr_gamma=0.1)  # fmt: skip

@@ -32,8 +32,9 @@ CHECKPOINT_FORMAT_VERSION = 1
 # fmt: off
 RUN_KEYS = (
     "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
-    "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "lr_step",
-    "lr_gamma", "mask_weight", "dice_weight", "depth_weight", "depth_l1_weight", "seed", "epochs",
+    "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "cooldown",
+    "lr_step", "lr_gamma", "mask_weight", "dice_weight", "depth_weight", "depth_l1_weight",
+    "seed", "epochs",
 )
 # fmt: on
 # What --resume refuses to change: anything that would alter the maths the checkpoint already

@@ -35,6 +35,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         weight_decay=1e-4,
         schedule="cosine",
         warmup=0.05,
+        cooldown=0.25,  # measured against 1.0 (plain cosine): benchmarks/RESULTS.md
         lr_step=2,
         lr_gamma=0.1,
         mask_weight=4.0,
@@ -50,6 +51,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         weight_decay=1e-5,
         schedule="step",
         warmup=0.0,
+        cooldown=1.0,
         lr_step=2,
         lr_gamma=0.1,
         mask_weight=2.0,
@@ -69,6 +71,14 @@ def fraction(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """argparse type: a float in (0, 1]."""
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]: a share of all steps")
+    return value
+
+
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     """The "Optimisation" option group; each option left out takes the ``--recipe``'s value."""
     values = "; ".join(
@@ -85,6 +95,12 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, help="L2 penalty (adamw: decoupled)")
     g.add_argument("--schedule", choices=SCHEDULES, help="cosine: warm-up, cosine to 0; step")
     g.add_argument("--warmup", type=fraction, help="cosine: share of all steps warming up")
+    g.add_argument(
+        "--cooldown",
+        type=share,
+        help="cosine: share of all steps in the final decay to 0; the lr holds its peak "
+        "between warm-up and cool-down (1: decay from the end of the warm-up)",
+    )
     g.add_argument("--lr-step", type=positive_int, help="step: epochs between decays")
     g.add_argument("--lr-gamma", type=float, help="step: decay factor")
     g.add_argument("--mask-weight", type=float, help="weight of mask BCE")
@@ -104,8 +120,10 @@ class LrSchedule:
     """The learning-rate factor at an optimizer step, for ``torch.optim.lr_scheduler.LambdaLR``.
 
     A callable object, not a closure, so LambdaLR stores its fields in the checkpoint.
-    ``cosine``: linear warm-up from ~0 over ``warmup_steps``, then cosine to 0 at
-    ``total_steps``. ``step``: ``lr_gamma ** (epoch // lr_step)``, torchvision's StepLR.
+    ``cosine``: linear warm-up from ~0 over ``warmup_steps``, the peak held, then a cosine to
+    0 over the last ``decay_steps`` (0: every step after the warm-up, a plain warm-up +
+    cosine) ending at ``total_steps``: warm-up, stable, decay. ``step``:
+    ``lr_gamma ** (epoch // lr_step)``, torchvision's StepLR.
     """
 
     kind: str
@@ -114,14 +132,18 @@ class LrSchedule:
     steps_per_epoch: int
     lr_step: int
     lr_gamma: float
+    decay_steps: int = 0  # checkpoints from before the field decay over every step
 
     def __call__(self, step: int) -> float:
         if self.kind == "step":
             return self.lr_gamma ** (step // (self.lr_step * self.steps_per_epoch))
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        span = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / span, 1.0)
+        span = self.decay_steps or self.total_steps - self.warmup_steps
+        start = self.total_steps - span
+        if step < start:
+            return 1.0
+        progress = min((step - start) / max(span, 1), 1.0)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -140,10 +162,12 @@ def build_optimizer(
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay)
     total = steps_per_epoch * cfg.epochs
+    warmup = round(cfg.warmup * total)
     schedule = LrSchedule(
         kind=cfg.schedule,
         total_steps=total,
-        warmup_steps=round(cfg.warmup * total),
+        warmup_steps=warmup,
+        decay_steps=min(round(cfg.cooldown * total), total - warmup),
         steps_per_epoch=steps_per_epoch,
         lr_step=cfg.lr_step,
         lr_gamma=cfg.lr_gamma,
