@@ -496,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # Stay deaf until the process ends: at exit Python resets its handlers to the default,
+        # and a late second Ctrl-C would then kill it mid-exit (status -2, not 130).
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
         done, missing = batch_status(cfg)
         print(
             f"interrupted: complete in {cfg.out}: {_names(done)}; not written: "

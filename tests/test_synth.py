@@ -156,10 +156,14 @@ def test_benchmark_missing_directory_is_one_line(tiny_zips, tmp_path, option):
 # --- 3. Ctrl-C ------------------------------------------------------------------------------
 
 
+PLACEMENTS = 400
+
+
 def start_synth(out: Path, *args: str) -> subprocess.Popen:
     """A synth run in its own process group (as a terminal runs it), slow enough to interrupt."""
     cmd = [sys.executable, "-m", "sharding.synth", "--out", str(out), "--batches", "3"]
-    cmd += ["--backgrounds", "4", "--foregrounds", "3", "--placements", "60", *args]
+    # 3,200 samples a batch: a second or more even on an idle machine, so Ctrl-C lands inside.
+    cmd += ["--backgrounds", "4", "--foregrounds", "3", "--placements", str(PLACEMENTS), *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen(
         cmd, cwd=ROOT, env=env, text=True, start_new_session=True,
@@ -242,7 +246,7 @@ def test_ctrl_c_after_a_finished_batch_keeps_it_and_says_so(tmp_path):
     assert f"complete in {out}: batch1; not written: batch2, batch3" in stderr
     with zipfile.ZipFile(out / "batch1_images.zip") as zf:  # the kept batch is whole
         assert zf.testzip() is None
-        assert sum(n.startswith("fg_bg_jpg/") for n in zf.namelist()) == 1 * 4 * 2 * 60
+        assert sum(n.startswith("fg_bg_jpg/") for n in zf.namelist()) == 1 * 4 * 2 * PLACEMENTS
     assert_group_gone(proc)
 
 
