@@ -60,12 +60,12 @@ def test_cosine_with_a_cooldown_holds_the_peak_then_decays_to_zero():
     assert all(a > b for a, b in itertools.pairwise(factors[80:]))  # then falls
     assert factors[90] == pytest.approx(0.5)
     assert factors[100] == pytest.approx(0.0, abs=1e-12)
-    # The default recipe cools down over its last quarter; --cooldown 1 is the plain cosine.
-    cfg = train.parse_args(["--data", "d", "--epochs", "4"])
-    _, scheduler = build_optimizer(cfg, nn.Linear(2, 1), steps_per_epoch=25)
+    # --cooldown 0.25 decays over the last quarter; the default (1) is the plain cosine.
+    wsd = train.parse_args(["--data", "d", "--epochs", "4", "--cooldown", "0.25"])
+    _, scheduler = build_optimizer(wsd, nn.Linear(2, 1), steps_per_epoch=25)
     shape = scheduler.lr_lambdas[0]
-    assert (shape.warmup_steps, shape.decay_steps) == (5, 25)
-    plain = train.parse_args(["--data", "d", "--epochs", "4", "--cooldown", "1"])
+    assert (shape.warmup_steps, shape.decay_steps) == (5, 25) and shape(70) == 1.0
+    plain = train.parse_args(["--data", "d", "--epochs", "4"])
     _, scheduler = build_optimizer(plain, nn.Linear(2, 1), steps_per_epoch=25)
     assert scheduler.lr_lambdas[0].decay_steps == 95 and scheduler.lr_lambdas[0](55) < 0.9
 
