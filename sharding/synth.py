@@ -488,7 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     except SynthError as e:  # a bad option value: a usage error
         print(f"error: {e}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # clean up on kill as on Ctrl-C
+    # Clean up on kill as on Ctrl-C; SIGINT too, in case it was inherited ignored (a shell's
+    # background job), so that an interrupt always means the same thing.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupt)
     start = time.perf_counter()
     try:
         paths = generate(cfg)

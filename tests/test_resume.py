@@ -92,10 +92,10 @@ def test_resume_extends_epochs_like_an_uninterrupted_run(runs, tmp_path, capsys)
 
 
 def schedule(epochs: int, steps_per_epoch: int = 3):
-    """The default recipe's optimizer and warm-up + cosine schedule for ``epochs``."""
+    """The default recipe's optimizer and a warm-up, hold, cosine schedule for ``epochs``."""
     cfg = SimpleNamespace(
         optimizer="adamw", lr=0.01, momentum=0.9, weight_decay=1e-4, schedule="cosine",
-        warmup=0.2, lr_step=2, lr_gamma=0.1, epochs=epochs,
+        warmup=0.2, cooldown=0.5, lr_step=2, lr_gamma=0.1, epochs=epochs,
     )  # fmt: skip
     torch.manual_seed(0)
     return build_optimizer(cfg, nn.Linear(2, 2), steps_per_epoch)[1]
