@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from benchmarks.loaders import load_average
+from benchmarks.report import missing_dir, write_report
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN, resolve_threads
 from pipeline.loader import dali_available
-from sharding.atomic import write_json
 
 PROG = "python -m benchmarks.dali_startup"
 
@@ -134,11 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.json and not args.json.parent.is_dir():
-        print(
-            f"{PROG}: error: the directory of --json {args.json} does not exist; create it first",
-            file=sys.stderr,
-        )
+    if problem := missing_dir(args.json):
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 1
     try:
         report = run(args)
@@ -154,9 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(median of epochs 1+); first batch per epoch: {firsts} s"
         )
     print(json.dumps(report["machine"]))
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

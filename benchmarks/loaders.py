@@ -49,11 +49,11 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from benchmarks.report import missing_dir, write_report
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from pipeline.loader import dali_available, resolve_augment_in
 from pipeline.source import DataSource, open_tar, resolve_source
-from sharding.atomic import write_json
 from sharding.shard_format import META_EXT, PARTS, image_ext, part_of, split_member
 from sharding.storage import StorageError
 
@@ -544,11 +544,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    if args.json and not args.json.parent.is_dir():
-        print(
-            f"{PROG}: error: the directory of --json {args.json} does not exist; create it first",
-            file=sys.stderr,
-        )
+    if problem := missing_dir(args.json):
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 1
     try:
         report = run(args)
@@ -556,9 +553,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     print_table(report)
-    if args.json:
-        write_json(args.json, report)
-        print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

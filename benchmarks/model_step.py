@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.loaders import load_average
+from benchmarks.report import missing_dir, write_report
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
-from sharding.atomic import write_json
 from training.distributed import DeviceError, resolve_device
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -200,9 +200,7 @@ def environment_problem(args: argparse.Namespace) -> str | None:
         return str(e)
     if args.json is not None and args.json.exists() and not args.overwrite:
         return f"{args.json} exists; pass --overwrite to replace it"
-    if args.json is not None and not args.json.parent.is_dir():
-        return f"directory of --json {args.json} does not exist; create it first"
-    return None
+    return missing_dir(args.json)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -267,8 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "results": results,
             "fastest": {k: fastest[k] for k in ("layout", "dtype", "compile", "samples_per_s")},
         }
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
+        write_report(args.json, payload)
     return 0
 
 

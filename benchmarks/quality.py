@@ -36,10 +36,10 @@ from typing import Any
 import torch
 
 from benchmarks.loaders import load_average
+from benchmarks.report import missing_dir, write_report
 from benchmarks.train_throughput import machine
 from model import MaskDepthMetrics, UNet, UNetConfig, count_parameters
 from pipeline import LoaderConfig, LoaderError, build_loader
-from sharding.atomic import write_json
 from sharding.build import ShardConfig, build
 from sharding.synth import SynthConfig, SynthError, generate
 
@@ -202,6 +202,9 @@ def print_report(payload: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Build, measure, print; 1 with one line on stderr when assets or a step are missing."""
     args = parse_args(argv)
+    if problem := missing_dir(args.json):
+        print(f"benchmarks.quality: error: {problem}", file=sys.stderr)
+        return 1
     try:
         if args.work:
             work = Path(args.work)
@@ -214,9 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.quality: error: {e}", file=sys.stderr)
         return 1
     print_report(payload)
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
+    write_report(args.json, payload)
     return 0
 
 

@@ -27,7 +27,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from sharding.atomic import write_json
+from benchmarks.report import missing_dir, write_report
 from sharding.shard_format import read_manifest
 from sharding.synth import COMPRESSION
 
@@ -113,8 +113,8 @@ def _check_paths(a: argparse.Namespace) -> str | None:
             return f"{path}: {what}"
     if a.tmp is not None and not os.path.isdir(a.tmp):
         return f"--tmp {a.tmp}: no such directory"
-    if a.json is not None and not a.json.resolve().parent.is_dir():
-        return f"--json {a.json}: no such directory {a.json.resolve().parent}"
+    if problem := missing_dir(a.json):
+        return problem
     return None
 
 
@@ -163,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{label:<28}{build_s:>10.2f}{samples / build_s:>12,.0f}")
     verdict = "meets" if build_s <= unzip_s else "misses"
     print(f"build / unzip = {build_s / unzip_s:.2f} ({verdict} the goal build <= unzip)")
-    if a.json:
-        write_json(a.json, result)
+    write_report(a.json, result)
     return 0
 
 

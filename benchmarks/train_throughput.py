@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.report import missing_dir, write_report
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
-from sharding.atomic import write_json
 from training.distributed import DEVICES, DeviceError, Runtime, resolve_device
 from training.options import widths_type
 from training.step import StepTimer, train_step
@@ -188,11 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (Path(args.data) / "manifest.json").is_file():
         print(f"{PROG}: error: no manifest.json in {args.data}", file=sys.stderr)
         return 1
-    if args.json and not Path(args.json).parent.is_dir():
-        print(
-            f"{PROG}: error: the directory of --json {args.json} does not exist; create it first",
-            file=sys.stderr,
-        )
+    if problem := missing_dir(args.json):
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 1
     if args.batches < STEADY_BATCHES:
         print(
@@ -205,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     print_table(payload["results"])
-    if args.json:
-        write_json(args.json, payload)
-        print(f"wrote {args.json}")
+    write_report(args.json, payload)
     return 0
 
 

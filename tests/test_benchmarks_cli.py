@@ -147,6 +147,17 @@ def test_output_in_a_missing_directory_is_one_line_before_any_work(
     assert snapshot(tmp_path) == before
 
 
+def test_quality_refuses_a_json_in_a_missing_directory_before_any_work(tmp_path, capsys):
+    from benchmarks import quality
+
+    target = tmp_path / "missing" / "q.json"
+    assert quality.main(["--assets", str(tmp_path), "--json", str(target)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and f"{target} does not exist; create it first" in lines[0], lines
+    assert captured.out == "" and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(("split", "augment"), [("test", False), ("train", True)])
 def test_preview_prints_the_config_the_loader_uses(tiny_shards, tmp_path, capsys, split, augment):
     out = tmp_path / "grid.png"
