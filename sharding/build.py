@@ -64,6 +64,7 @@ from sharding.shard_format import (
     split_channels,
     write_manifest,
 )
+from sharding.signals import STOP_SIGNALS, StopSignals
 from sharding.tario import ShardWriter, ustar_header
 
 log = logging.getLogger(__name__)
@@ -539,16 +540,13 @@ def _write_file(path: Path, chunks: list[bytes]) -> None:
         raise BuildError(f"{path}: write failed ({e.strerror})") from None
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-
-
 def _worker_init() -> None:
     # The parent handles Ctrl-C and SIGTERM, which `timeout` and a terminal send to the whole
     # group, and kills the workers itself. They were forked with both signals blocked (see
     # _start_pool), so none can reach the parent's Python handler in here first.
-    for sig in _STOP_SIGNALS:
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 # --- the build ------------------------------------------------------------------------------
@@ -747,11 +745,11 @@ def _start_pool(workers: int, jobs: list[dict]):
     # With fork, the first submit starts every worker; block the stop signals meanwhile so
     # that each worker starts with them blocked. One that arrives now reaches the parent
     # when the block lifts.
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
         futures = [pool.submit(write_shard, job) for job in jobs]
     finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     return pool, futures
 
 
@@ -942,38 +940,17 @@ def _count(n: int, noun: str, spec: str = "d") -> str:
     return f"{n:{spec}} {noun}{'' if n == 1 else 's'}"
 
 
-class _Interrupt:
-    """SIGINT and SIGTERM handler: the first raises ``KeyboardInterrupt``; later ones are
-    ignored, so that a second Ctrl-C (or ``timeout``'s signal to the whole group) cannot
-    break off the cleanup that the first started."""
-
-    def __init__(self):
-        self.count = 0
-
-    def __call__(self, signum, frame):
-        self.count += 1
-        if self.count == 1:
-            raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials in ..."
     cfg = parse_args(argv)
-    handler = _Interrupt()
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
     try:
-        return _run(cfg, start)
+        with StopSignals():  # kill cleans up as Ctrl-C does; a second one is ignored
+            return _run(cfg, start)
     except KeyboardInterrupt:  # cleaned up on the way out (_run_jobs); nothing more to do
         print("interrupted: no manifest was written; re-run the same command", file=sys.stderr)
         return 130
-    finally:
-        for sig, old in previous.items():
-            # After an interrupt, stay deaf until the process ends: at exit Python resets a
-            # Python-level handler to the default, and a late second signal would then kill
-            # the process mid-exit (status -2, not 130); an ignored signal stays ignored.
-            signal.signal(sig, signal.SIG_IGN if handler.count else old)
 
 
 def _run(cfg: ShardConfig, start: float) -> int:

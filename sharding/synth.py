@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from sharding.atomic import TMP_PREFIX, atomic_path
 from sharding.shard_format import GEOMETRY
+from sharding.signals import StopSignals
 
 # A fixed timestamp keeps zips byte-identical between runs with the same seed.
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -477,10 +478,6 @@ def _names(batches: list[int]) -> str:
     return ", ".join(f"batch{k}" for k in batches) or "none"
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
@@ -488,21 +485,14 @@ def main(argv: list[str] | None = None) -> int:
     except SynthError as e:  # a bad option value: a usage error
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # Clean up on kill as on Ctrl-C; SIGINT too, in case it was inherited ignored (a shell's
-    # background job), so that an interrupt always means the same thing.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _raise_interrupt)
     start = time.perf_counter()
     try:
-        paths = generate(cfg)
+        with StopSignals():  # kill cleans up as Ctrl-C does; a second one is ignored
+            paths = generate(cfg)
     except SynthError as e:  # unusable assets or --out
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        # Stay deaf until the process ends: at exit Python resets its handlers to the default,
-        # and a late second Ctrl-C would then kill it mid-exit (status -2, not 130).
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
         done, missing = batch_status(cfg)
         print(
             f"interrupted: complete in {cfg.out}: {_names(done)}; not written: "
