@@ -34,6 +34,32 @@ def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedP
     )
 
 
+def omp_policy_when_torch_loads(module: str, given: str | None = None) -> str:
+    """``OMP_WAIT_POLICY`` as it stands when ``import module`` first imports torch, in a fresh
+    interpreter whose environment has it unset (or set to ``given``)."""
+    probe = (
+        "import os, sys\n"
+        "seen = []\n"
+        "class Spy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' and not seen:\n"
+        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+        "sys.meta_path.insert(0, Spy())\n"
+        f"import {module}\n"
+        "print(seen)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = str(ROOT)
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
 def make_shards(zips_dir: Path, out: Path, **overrides) -> Path:
     zips = tuple(str(p) for p in sorted(zips_dir.glob("batch*_images.zip")))
     cfg = ShardConfig(zips=zips, out=str(out), samples_per_shard=TINY_PER_SHARD, **overrides)

@@ -9,8 +9,6 @@ import argparse
 import importlib
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 from benchmarks import dali_startup, loaders, model_step, train_throughput
 from pipeline import preview
 from pipeline.loader import dali_available
-from tests.conftest import ROOT
+from tests.conftest import omp_policy_when_torch_loads
 from training.distributed import Runtime
 
 CLIS = (
@@ -174,26 +172,4 @@ def test_preview_prints_the_config_the_loader_uses(tiny_shards, tmp_path, capsys
 @pytest.mark.parametrize("module", TORCH_BENCHMARKS)
 def test_omp_wait_policy_is_passive_before_torch_is_imported(module):
     """Run directly (not by make), a benchmark still keeps OpenMP from busy-waiting."""
-    # Records OMP_WAIT_POLICY at the moment anything first imports torch.
-    probe = (
-        "import os, sys\n"
-        "seen = []\n"
-        "class Spy:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' and not seen:\n"
-        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
-        "sys.meta_path.insert(0, Spy())\n"
-        f"import {module}\n"
-        "print(seen)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    result = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=ROOT,
-        env={**env, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['PASSIVE']"
+    assert omp_policy_when_torch_loads(module) == "['PASSIVE']"

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tarfile
 from dataclasses import asdict
 
@@ -17,7 +14,7 @@ import predict
 import train
 from model import UNet, UNetConfig
 from pipeline import build_loader
-from tests.conftest import ROOT, run_cli
+from tests.conftest import omp_policy_when_torch_loads, run_cli
 from training.checkpoint import TrainState, save_checkpoint
 
 
@@ -279,29 +276,5 @@ def test_file_that_is_no_checkpoint_gets_our_own_line(tmp_path):
 
 def test_omp_wait_policy_is_passive_before_torch_is_imported(tmp_path):
     """Run directly (not by make), predict.py still keeps OpenMP from busy-waiting."""
-    # Records OMP_WAIT_POLICY at the moment anything first imports torch.
-    probe = (
-        "import os, sys\n"
-        "seen = []\n"
-        "class Spy:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' and not seen:\n"
-        "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
-        "sys.meta_path.insert(0, Spy())\n"
-        "import predict\n"
-        "print(seen)\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    env["PYTHONPATH"] = str(ROOT)
     for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):  # ACTIVE: the user's choice
-        extra = {"OMP_WAIT_POLICY": given} if given else {}
-        result = subprocess.run(
-            [sys.executable, "-c", probe],
-            cwd=ROOT,
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip() == f"[{expected!r}]"
+        assert omp_policy_when_torch_loads("predict", given) == f"[{expected!r}]"
