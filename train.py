@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, UNet, UNetConfig
+from model import LOSS_WEIGHTS, SKIPS, LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from sharding import storage
@@ -59,6 +59,8 @@ class TrainConfig:
     # Model
     widths: tuple[int, ...] = UNetConfig.widths
     diff_input: bool = RECIPES["default"]["diff_input"]
+    skip: str = RECIPES["default"]["skip"]
+    context: bool = RECIPES["default"]["context"]
     channels_last: bool = True
     amp: bool = True
     # Optimisation: the recipe's fields default to training.recipe.RECIPES["default"]
@@ -134,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--widths", type=widths_type, default=d.widths, help="UNet channels per level")
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--diff-input", action=on_off, help="also feed fg_bg - bg, |fg_bg - bg|")
+    g.add_argument("--skip", choices=SKIPS, help="decoder: concat or add the encoder skips")
+    g.add_argument("--context", action=on_off, help="global and row context blocks for depth")
     g.add_argument("--channels-last", action=on_off, default=True, help="NHWC (faster on CPU/GPU)")
     g.add_argument(
         "--amp",
@@ -234,6 +238,8 @@ def build_model(
             in_channels=channels,
             widths=cfg.widths,
             diff_input=cfg.diff_input,
+            skip=cfg.skip,
+            context=cfg.context,
             channels_last=cfg.channels_last,
         )
         weights = {k: getattr(cfg, k) for k in LOSS_WEIGHTS}

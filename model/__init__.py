@@ -6,11 +6,12 @@ written by ``train.py``.
 
 from model.losses import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, depth_ssim
 from model.metrics import MaskDepthMetrics
-from model.unet import RECOMMENDED_MEMORY_FORMAT, UNet, UNetConfig, count_parameters
+from model.unet import RECOMMENDED_MEMORY_FORMAT, SKIPS, UNet, UNetConfig, count_parameters
 
 __all__ = [
     "LOSS_WEIGHTS",
     "RECOMMENDED_MEMORY_FORMAT",
+    "SKIPS",
     "LossConfig",
     "MaskDepthLoss",
     "MaskDepthMetrics",

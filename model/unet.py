@@ -22,6 +22,9 @@ from sharding.shard_format import GEOMETRY, Geometry
 # CPU-seconds per step on one thread. Not yet timed on CUDA. UNetConfig defaults to it.
 RECOMMENDED_MEMORY_FORMAT = torch.channels_last
 
+# How a decoder stage merges the encoder's skip (UNetConfig.skip).
+SKIPS = ("concat", "add")
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -40,6 +43,17 @@ class UNetConfig:
             only the two images leaves holes where the object's grey matches the background.
             False (the default, and what checkpoints without the field were) keeps 2C.
         channels_last: keep weights and activations in NHWC; faster on CPU and CUDA.
+        skip: how a decoder stage merges the encoder's skip. ``"concat"`` (the classic
+            UNet, and what checkpoints without the field were) upsamples the deeper level
+            and concatenates the skip; ``"add"`` first maps the deeper level to the skip's
+            channels with a 1x1 conv at the low resolution, then upsamples and adds it
+            (LinkNet-style), so the full-resolution stage upsamples and convolves a third of
+            the channels.
+        context: a global-context block at the bottleneck (the image's mean features added
+            back everywhere) and a row-context block before the depth head (each row's mean
+            over the width added back to every column). Depth in a room depends mostly on
+            the row, and where the floor starts depends on the whole picture, which 3x3
+            convolutions see only slowly.
 
     The size defaults are the dataset's (``sharding.shard_format.GEOMETRY``), as are the
     loader's; ``UNetConfig.for_geometry(loader_cfg.geometry, ...)`` ties a model to a loader.
@@ -51,6 +65,8 @@ class UNetConfig:
     depth_size: int = GEOMETRY.depth_size
     diff_input: bool = False
     channels_last: bool = True
+    skip: str = "concat"
+    context: bool = False
 
     @classmethod
     def for_geometry(cls, geometry: Geometry, **fields: Any) -> UNetConfig:
@@ -75,6 +91,8 @@ class UNetConfig:
                 f"widths={self.widths} must hold at least two positive channel counts, "
                 "one per resolution level, e.g. (16, 32, 64, 128, 256)"
             )
+        if self.skip not in SKIPS:
+            raise ValueError(f"skip={self.skip!r} must be one of {', '.join(SKIPS)}")
         stride = 2 ** (len(self.widths) - 1)
         if self.mask_size % stride != 0:
             raise ValueError(
@@ -159,17 +177,67 @@ class Down(nn.Sequential):
 
 
 class Up(nn.Module):
-    """2x bilinear upsample, concatenate the encoder skip, double separable conv."""
+    """2x bilinear upsample, merge the encoder skip, double separable conv.
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+    ``skip="concat"`` concatenates the upsampled level and the skip. ``skip="add"`` maps
+    the deeper level to the skip's channels first (1x1 conv and BatchNorm, at the low
+    resolution), then upsamples it and adds the skip: on 2 CPU cores a training step of the
+    default UNet takes about 25% less time, most of it saved at full resolution.
+    """
+
+    def __init__(
+        self, in_channels: int, skip_channels: int, out_channels: int, skip: str = "concat"
+    ) -> None:
         super().__init__()
+        self.add = skip == "add"
+        # Identity for concat, so the classic UNet's parameter names stay as they were.
+        self.reduce = (
+            nn.Sequential(
+                nn.Conv2d(in_channels, skip_channels, 1, bias=False), nn.BatchNorm2d(skip_channels)
+            )
+            if self.add
+            else nn.Identity()
+        )
         # A module, not F.interpolate, so thop counts its ops in the summary.
         self.upsample = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.conv = DoubleSeparableConv(in_channels + skip_channels, out_channels)
+        merged = skip_channels if self.add else in_channels + skip_channels
+        self.conv = DoubleSeparableConv(merged, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """Upsample ``x`` to the size of ``skip`` and fuse them."""
-        return self.conv(torch.cat([self.upsample(x), skip], dim=1))
+        up = self.upsample(self.reduce(x))
+        return self.conv(up + skip if self.add else torch.cat([up, skip], dim=1))
+
+
+class GlobalContext(nn.Module):
+    """Add a 1x1 conv of the image's mean features back to every position."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mix = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mix(x.mean((2, 3), keepdim=True))
+
+
+class RowContext(nn.Module):
+    """Add each row's mean over the width, mixed over 7 neighbouring rows, to every column.
+
+    Height-driven context (HANet, Choi et al., CVPR 2020): what a pixel is, and how far,
+    depends much on its row. Here the floor's depth is a function of the row once the
+    horizon is known.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.mix = nn.Sequential(
+            nn.Conv2d(channels, channels, (7, 1), padding=(3, 0), bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mix(x.mean(3, keepdim=True))
 
 
 class DepthHead(nn.Sequential):
@@ -203,8 +271,12 @@ class UNet(nn.Module):
         )
         # decoder[i] produces level i from level i + 1; the deepest level needs none.
         self.decoder = nn.ModuleList(
-            [Up(widths[i + 1], widths[i], widths[i]) for i in range(len(widths) - 1)]
+            [Up(widths[i + 1], widths[i], widths[i], self.cfg.skip) for i in range(len(widths) - 1)]
         )
+        # None without context, so the state dict of such a model has no keys for them.
+        context = self.cfg.context
+        self.global_context = GlobalContext(widths[-1]) if context else None
+        self.row_context = RowContext(widths[self.cfg.depth_level]) if context else None
         self.depth_head = DepthHead(widths[self.cfg.depth_level])
         self.mask_head = nn.Conv2d(widths[0], 1, 1)
         if self.cfg.channels_last:
@@ -235,13 +307,20 @@ class UNet(nn.Module):
             x = stage(x)
             skips.append(x)
         x = skips.pop()  # bottleneck, the deepest level
-        depth = self.depth_head(x) if self.cfg.depth_level == len(self.decoder) else None
+        if self.global_context is not None:
+            x = self.global_context(x)
+        depth = self._depth(x) if self.cfg.depth_level == len(self.decoder) else None
         for level in range(len(self.decoder) - 1, -1, -1):
             x = self.decoder[level](x, skips[level])
             if level == self.cfg.depth_level:
-                depth = self.depth_head(x)  # (B, 1, depth_size, depth_size)
+                depth = self._depth(x)  # (B, 1, depth_size, depth_size)
         mask_logits = self.mask_head(x)  # (B, 1, mask_size, mask_size)
         return mask_logits, depth
+
+    def _depth(self, x: torch.Tensor) -> torch.Tensor:
+        if self.row_context is not None:
+            x = self.row_context(x)
+        return self.depth_head(x)
 
     def _check_input(self, x: torch.Tensor) -> None:
         stride = 2 ** (len(self.cfg.widths) - 1)

@@ -71,9 +71,12 @@ def test_depth_head_can_branch_off_any_level(depth_size, depth_shape):
     assert depth.shape == depth_shape
 
 
-def test_every_parameter_gets_a_gradient():
+@pytest.mark.parametrize(
+    "variant", [{}, {"skip": "add"}, {"context": True}, {"skip": "add", "context": True}]
+)
+def test_every_parameter_gets_a_gradient(variant):
     torch.manual_seed(0)
-    model = UNet(UNetConfig())
+    model = UNet(UNetConfig(**variant))
     mask_logits, depth = model(random_inputs(model.cfg, batch=2))
     (mask_logits.mean() + depth.mean()).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
@@ -101,8 +104,51 @@ def test_diff_input_feeds_the_difference_and_keeps_the_interface():
     assert UNetConfig().diff_input is False
 
 
-def test_parameter_budget():
-    model = UNet(UNetConfig(in_channels=3))
+def test_add_skips_convolve_only_the_skips_channels_at_full_resolution():
+    concat = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16)))
+    add = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16), skip="add"))
+    assert concat.decoder[0].conv[0][0].in_channels == 4 + 8  # upsampled level + skip
+    assert add.decoder[0].conv[0][0].in_channels == 4  # the level mapped to 4, plus the skip
+    # The 1x1 map runs at the low resolution: 8 -> 4 channels on the 80x80 level.
+    assert add.decoder[0].reduce[0].in_channels == 8
+    x = random_inputs(add.cfg, batch=2)
+    seen = {}
+    add.decoder[0].conv.register_forward_hook(lambda module, args, out: seen.update(x=args[0]))
+    add.decoder[0].register_forward_hook(lambda module, args, out: seen.update(args=args))
+    add.eval()(x)
+    low, skip = seen["args"]
+    up = add.decoder[0].upsample(add.decoder[0].reduce(low))
+    torch.testing.assert_close(seen["x"], up + skip)
+
+
+def test_context_blocks_add_one_vector_per_image_and_one_per_row():
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16), context=True)).eval()
+    x = torch.randn(2, 16, 12, 10)  # the bottleneck's 16 channels
+    # Global context: the same vector at every position, different per image.
+    added = model.global_context(x) - x
+    assert added.shape == x.shape
+    torch.testing.assert_close(added, added[:, :, :1, :1].expand_as(added))
+    assert not torch.allclose(added[0], added[1])
+    # Row context: the same across a row's columns, different between rows.
+    x = torch.randn(2, 8, 12, 10)  # the depth level's 8 channels
+    added = model.row_context(x) - x
+    torch.testing.assert_close(added, added[..., :1].expand_as(added))
+    assert not torch.allclose(added[:, :, 0], added[:, :, 6])
+    # Without context there are no such modules, so plain checkpoints keep their keys.
+    plain = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16)))
+    assert not any("context" in k for k in plain.state_dict())
+    assert model.global_context is not None and model.row_context is not None
+
+
+def test_unknown_skip_is_refused():
+    with pytest.raises(ValueError, match="skip='sum' must be one of concat, add"):
+        UNetConfig(skip="sum")
+
+
+@pytest.mark.parametrize("variant", [{}, {"skip": "add", "context": True}])
+def test_parameter_budget(variant):
+    model = UNet(UNetConfig(in_channels=3, **variant))
     params = count_parameters(model)
     assert params <= PARAM_BUDGET
     # Each tensor once: the same number as walking the unique parameter set by hand.

@@ -27,6 +27,7 @@ def test_reference_recipe_is_the_reference_solution():
         0.0,
     )
     assert cfg.diff_input is False
+    assert (cfg.skip, cfg.context) == ("concat", False)  # the reference's plain UNet
 
 
 def test_default_recipe_fills_the_config_and_flags_override():
@@ -103,3 +104,14 @@ def test_checkpoint_with_other_diff_input_is_refused():
     new = UNetConfig(in_channels=1, widths=(4, 8, 16), diff_input=True)
     with pytest.raises(TrainError, match=r"diff_input=False.*pass --no-diff-input"):
         check_compatible(saved, Path("old.pt"), new)
+
+
+@pytest.mark.parametrize(
+    ("field", "flag"), [("skip", "--skip concat"), ("context", "--no-context")]
+)
+def test_checkpoint_without_the_newer_model_fields_is_the_plain_unet(field, flag):
+    old = {"model_config": {"in_channels": 1, "widths": [4, 8, 16]}}  # before skip, context
+    check_compatible(old, Path("old.pt"), UNetConfig(in_channels=1, widths=(4, 8, 16)))
+    new = UNetConfig(in_channels=1, widths=(4, 8, 16), **{field: RECIPES["default"][field]})
+    with pytest.raises(TrainError, match=rf"{field}=(concat|False) .*pass {flag}$"):
+        check_compatible(old, Path("old.pt"), new)

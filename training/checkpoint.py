@@ -32,9 +32,9 @@ CHECKPOINT_FORMAT_VERSION = 1
 # fmt: off
 RUN_KEYS = (
     "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
-    "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup", "cooldown",
-    "lr_step", "lr_gamma", "mask_weight", "dice_weight", "depth_weight", "depth_l1_weight",
-    "seed", "epochs",
+    "skip", "context", "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+    "warmup", "cooldown", "lr_step", "lr_gamma", "mask_weight", "dice_weight", "depth_weight",
+    "depth_l1_weight", "seed", "epochs",
 )
 # fmt: on
 # What --resume refuses to change: anything that would alter the maths the checkpoint already
@@ -42,7 +42,10 @@ RUN_KEYS = (
 # --epochs may grow or shrink: the schedule is then re-sized (see resize_schedule).
 FIXED_ON_RESUME = tuple(k for k in RUN_KEYS if k not in ("data", "train", "test", "epochs"))
 # What --weights fixes: the model's shape (in_channels and the image sizes come from the data).
-MODEL_KEYS = ("widths", "diff_input")
+MODEL_KEYS = ("widths", "diff_input", "skip", "context")
+# Model fields newer than some checkpoints, with the value those checkpoints were built with
+# (UNetConfig's defaults), so a resume or --weights run rebuilds the same model.
+MODEL_FIELDS_BEFORE = {"diff_input": False, "skip": "concat", "context": False}
 
 
 class CheckpointError(TrainError):
@@ -119,7 +122,7 @@ def options_from_checkpoint(options: dict[str, Any], given: set[str], last: Path
         flag, fix = ("--resume", "start without --resume") if resume else ("--weights", "check it")
         raise CheckpointError(f"{flag}: no checkpoint at {path}; {fix}")
     state = load_checkpoint(path)
-    saved = {**state.get("config", {}), **state.get("model_config", {})}
+    saved = {**MODEL_FIELDS_BEFORE, **state.get("config", {}), **state.get("model_config", {})}
     epochs = options["epochs"] if "epochs" in given else saved.get("epochs", 0)
     if resume and epochs < state["epoch"]:
         raise CheckpointError(
@@ -295,12 +298,19 @@ def check_compatible(
             f"checkpoint {path} has widths {tuple(saved.get('widths', ()))} but this run "
             f"builds {unet_cfg.widths}; pass --widths {','.join(map(str, saved.get('widths', ())))}"
         )
-    if saved.get("diff_input", False) != unet_cfg.diff_input:
-        flag = "--diff-input" if saved.get("diff_input", False) else "--no-diff-input"
-        raise TrainError(
-            f"checkpoint {path} has diff_input={saved.get('diff_input', False)} but this run "
-            f"builds diff_input={unet_cfg.diff_input}; pass {flag}"
-        )
+    for key, before in MODEL_FIELDS_BEFORE.items():
+        theirs, ours = saved.get(key, before), getattr(unet_cfg, key)
+        if theirs != ours:
+            flag = key.replace("_", "-")
+            flag = (
+                f"--{flag} {theirs}"
+                if isinstance(theirs, str)
+                else f"--{'' if theirs else 'no-'}{flag}"
+            )
+            raise TrainError(
+                f"checkpoint {path} has {key}={theirs} but this run builds {key}={ours}; "
+                f"pass {flag}"
+            )
     if config is None:
         return
     ours, theirs = plain(config), state.get("config", {})

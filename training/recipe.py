@@ -43,6 +43,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         depth_weight=1.0,
         depth_l1_weight=0.0,  # measured: -0.005 IoU, -0.005 depth SSIM (benchmarks/RESULTS.md)
         diff_input=True,
+        skip="add",
+        context=True,
     ),
     "reference": dict(
         optimizer="sgd",
@@ -59,6 +61,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         depth_weight=1.0,
         depth_l1_weight=0.0,
         diff_input=False,
+        skip="concat",
+        context=False,
     ),
 }
 
