@@ -79,6 +79,7 @@ class TrainConfig:
     dice_weight: float = RECIPES["default"]["dice_weight"]
     depth_weight: float = RECIPES["default"]["depth_weight"]
     depth_l1_weight: float = RECIPES["default"]["depth_l1_weight"]
+    depth_grad_weight: float = RECIPES["default"]["depth_grad_weight"]
     seed: int = 0
     # Run
     device: str = "auto"

@@ -1,4 +1,4 @@
-"""Training loss: weighted mask BCE and soft Dice, depth (1 - SSIM) and depth L1."""
+"""Training loss: weighted mask BCE and soft Dice, depth (1 - SSIM), L1 and gradient L1."""
 
 from __future__ import annotations
 
@@ -15,13 +15,19 @@ SSIM_WIN_SIGMA = 1.5
 
 
 # The LossConfig fields that weigh a term, in the order the loss adds them.
-LOSS_WEIGHTS = ("mask_weight", "dice_weight", "depth_weight", "depth_l1_weight")
+LOSS_WEIGHTS = (
+    "mask_weight",
+    "dice_weight",
+    "depth_weight",
+    "depth_l1_weight",
+    "depth_grad_weight",
+)
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Weights of the loss terms: ``total = mask_weight * bce + dice_weight * (1 - dice)
-    + depth_weight * (1 - ssim) + depth_l1_weight * l1``.
+    + depth_weight * (1 - ssim) + depth_l1_weight * l1 + depth_grad_weight * grad``.
 
     The defaults are the reference solution's loss, ``2 * bce + (1 - ssim)``.
     """
@@ -30,6 +36,7 @@ class LossConfig:
     depth_weight: float = 1.0
     dice_weight: float = 0.0
     depth_l1_weight: float = 0.0
+    depth_grad_weight: float = 0.0
 
     def __post_init__(self) -> None:
         weights = {k: getattr(self, k) for k in LOSS_WEIGHTS}
@@ -87,6 +94,17 @@ def depth_ssim(
         )
 
 
+def depth_gradient_l1(depth_pred: torch.Tensor, depth_true: torch.Tensor) -> torch.Tensor:
+    """Mean L1 of the horizontal plus the vertical neighbour differences, prediction vs target.
+
+    It asks for the target's edges where it has them and for flatness where it is flat (the
+    far wall), which SSIM's structure term punishes hard; the edges carry little weight in
+    a per-pixel L1 or SSIM because they are few pixels.
+    """
+    p, t = depth_pred.float(), depth_true.float()
+    return F.l1_loss(p.diff(dim=-1), t.diff(dim=-1)) + F.l1_loss(p.diff(dim=-2), t.diff(dim=-2))
+
+
 def soft_dice(mask_logits: torch.Tensor, mask_true: torch.Tensor) -> torch.Tensor:
     """Soft Dice of ``sigmoid(mask_logits)`` and the target over the whole batch, in [0, 1]."""
     prob = torch.sigmoid(mask_logits.float())
@@ -97,12 +115,13 @@ def soft_dice(mask_logits: torch.Tensor, mask_true: torch.Tensor) -> torch.Tenso
 
 class MaskDepthLoss(nn.Module):
     """``mask_weight * BCEWithLogits(mask) + dice_weight * (1 - soft Dice(mask))
-    + depth_weight * (1 - SSIM(depth)) + depth_l1_weight * L1(depth)``.
+    + depth_weight * (1 - SSIM(depth)) + depth_l1_weight * L1(depth)
+    + depth_grad_weight * depth_gradient_l1(depth)``.
 
     ``forward`` returns a dict of scalar tensors: ``loss`` (the total to backpropagate) and
-    the unweighted terms ``mask_bce``, ``mask_dice_loss``, ``depth_ssim_loss`` and
-    ``depth_l1`` for logging; every term is computed even at weight 0 so logs compare across
-    recipes. Move the module to the training device so the SSIM window is not copied there
+    the unweighted terms ``mask_bce``, ``mask_dice_loss``, ``depth_ssim_loss``, ``depth_l1``
+    and ``depth_grad`` for logging; every term is computed even at weight 0 so logs compare
+    across recipes. Move the module to the training device so the SSIM window is not copied there
     every step.
     """
 
@@ -130,12 +149,14 @@ class MaskDepthLoss(nn.Module):
         mask_dice_loss = 1.0 - soft_dice(mask_logits, mask_true)
         depth_ssim_loss = 1.0 - depth_ssim(depth_pred, depth_true, win=self.ssim_win)
         depth_l1 = F.l1_loss(depth_pred.float(), depth_true.float())
+        depth_grad = depth_gradient_l1(depth_pred, depth_true)
         c = self.cfg
         total = (
             c.mask_weight * mask_bce
             + c.dice_weight * mask_dice_loss
             + c.depth_weight * depth_ssim_loss
             + c.depth_l1_weight * depth_l1
+            + c.depth_grad_weight * depth_grad
         )
         return {
             "loss": total,
@@ -143,4 +164,5 @@ class MaskDepthLoss(nn.Module):
             "mask_dice_loss": mask_dice_loss,
             "depth_ssim_loss": depth_ssim_loss,
             "depth_l1": depth_l1,
+            "depth_grad": depth_grad,
         }

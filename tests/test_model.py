@@ -15,6 +15,7 @@ from pytorch_msssim import ssim
 from torch import nn
 
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig, count_parameters
+from model.losses import depth_gradient_l1
 from model.summary import _thop_layer_macs, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -250,24 +251,38 @@ def test_loss_terms_and_weights():
     depth_pred = torch.rand(3, 1, 80, 80)
     depth_true = torch.rand(3, 1, 80, 80)
     losses = MaskDepthLoss(LossConfig())(mask_logits, depth_pred, mask, depth_true)
-    assert set(losses) == {"loss", "mask_bce", "mask_dice_loss", "depth_ssim_loss", "depth_l1"}
+    assert set(losses) == {
+        "loss",
+        "mask_bce",
+        "mask_dice_loss",
+        "depth_ssim_loss",
+        "depth_l1",
+        "depth_grad",
+    }
     bce = F.binary_cross_entropy_with_logits(mask_logits, mask)
     ssim_loss = 1 - ssim(depth_pred, depth_true, data_range=1.0)
     prob = torch.sigmoid(mask_logits)
     dice_loss = 1 - (2 * (prob * mask).sum() + 1) / (prob.sum() + mask.sum() + 1)
     l1 = (depth_pred - depth_true).abs().mean()
+    dx = lambda d: d[..., :, 1:] - d[..., :, :-1]  # noqa: E731
+    dy = lambda d: d[..., 1:, :] - d[..., :-1, :]  # noqa: E731
+    grad = (dx(depth_pred) - dx(depth_true)).abs().mean()
+    grad = grad + (dy(depth_pred) - dy(depth_true)).abs().mean()
     torch.testing.assert_close(losses["mask_bce"], bce)
     torch.testing.assert_close(losses["depth_ssim_loss"], ssim_loss)
     torch.testing.assert_close(losses["mask_dice_loss"], dice_loss)
     torch.testing.assert_close(losses["depth_l1"], l1)
+    torch.testing.assert_close(losses["depth_grad"], grad)
     # The defaults are the reference loss: the Dice and L1 terms are logged, not added.
     torch.testing.assert_close(losses["loss"], 2 * bce + ssim_loss)
     depth_only = MaskDepthLoss(LossConfig(mask_weight=0.0, depth_weight=3.0))
     total = depth_only(mask_logits, depth_pred, mask, depth_true)["loss"]
     torch.testing.assert_close(total, 3 * ssim_loss)
-    every = LossConfig(mask_weight=1.0, dice_weight=2.0, depth_weight=3.0, depth_l1_weight=4.0)
+    every = LossConfig(1.0, dice_weight=2.0, depth_weight=3.0, depth_l1_weight=4.0,
+                       depth_grad_weight=5.0)  # fmt: skip
     total = MaskDepthLoss(every)(mask_logits, depth_pred, mask, depth_true)["loss"]
-    torch.testing.assert_close(total, bce + 2 * dice_loss + 3 * ssim_loss + 4 * l1)
+    expected = bce + 2 * dice_loss + 3 * ssim_loss + 4 * l1 + 5 * grad
+    torch.testing.assert_close(total, expected)
 
 
 def test_dice_loss_is_zero_for_a_confident_perfect_mask():
@@ -285,6 +300,13 @@ def test_loss_of_a_perfect_depth_is_zero():
     mask = torch.zeros(2, 1, 160, 160)
     losses = MaskDepthLoss()(torch.full_like(mask, -30.0), depth, mask, depth)
     assert losses["depth_ssim_loss"].abs() < 1e-5
+    assert losses["depth_grad"] == 0
+    # The gradient term sees a shift that L1 of a flat offset would not: an edge in the wrong row.
+    step = torch.zeros(1, 1, 80, 80)
+    step[..., 40:, :] = 1.0
+    shifted = torch.roll(step, 2, dims=-2)
+    offset = (step + 0.05).clamp(max=1.0)
+    assert depth_gradient_l1(shifted, step) > 10 * depth_gradient_l1(offset, step)
     assert losses["mask_bce"] < 1e-10
 
 

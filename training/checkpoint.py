@@ -34,7 +34,7 @@ RUN_KEYS = (
     "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
     "skip", "context", "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule",
     "warmup", "cooldown", "lr_step", "lr_gamma", "mask_weight", "dice_weight", "depth_weight",
-    "depth_l1_weight", "seed", "epochs",
+    "depth_l1_weight", "depth_grad_weight", "seed", "epochs",
 )
 # fmt: on
 # What --resume refuses to change: anything that would alter the maths the checkpoint already

@@ -42,6 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         dice_weight=0.0,  # measured: +0.001 IoU, -0.013 depth SSIM (benchmarks/RESULTS.md)
         depth_weight=1.0,
         depth_l1_weight=0.0,  # measured: -0.005 IoU, -0.005 depth SSIM (benchmarks/RESULTS.md)
+        depth_grad_weight=2.0,
         diff_input=True,
         skip="add",
         context=True,
@@ -60,6 +61,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         dice_weight=0.0,
         depth_weight=1.0,
         depth_l1_weight=0.0,
+        depth_grad_weight=0.0,
         diff_input=False,
         skip="concat",
         context=False,
@@ -111,6 +113,7 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dice-weight", type=float, help="weight of mask (1 - soft Dice)")
     g.add_argument("--depth-weight", type=float, help="weight of depth (1 - SSIM)")
     g.add_argument("--depth-l1-weight", type=float, help="weight of depth L1")
+    g.add_argument("--depth-grad-weight", type=float, help="weight of depth gradient L1")
 
 
 def resolve(args: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from training.distributed import Runtime, agree, max_over_ranks
 from training.errors import TrainError
 
 # What MaskDepthLoss returns, in the order the logs and metrics.json show them.
-LOSS_PARTS = ("loss", "mask_bce", "mask_dice_loss", "depth_ssim_loss", "depth_l1")
+LOSS_PARTS = ("loss", "mask_bce", "mask_dice_loss", "depth_ssim_loss", "depth_l1", "depth_grad")
 # Failures the user can act on: every rank reports them as the same one line.
 USER_ERRORS = (TrainError, LoaderError)
 
