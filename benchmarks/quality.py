@@ -70,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="dataset and training seed")
     p.add_argument("--backgrounds", type=int, default=100, help="backgrounds per foreground")
     p.add_argument("--foregrounds", type=int, default=9, help="3 per batch; batch 3 is test")
+    p.add_argument(
+        "--placements",
+        type=int,
+        default=1,
+        help="placements per foreground, background and flip (--backgrounds 20 --placements 5 "
+        "also gives 1,200 train samples, each background seen 60 times instead of 12)",
+    )
     p.add_argument("--epochs", type=int, default=4, help="training epochs")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     args = p.parse_args(argv)
@@ -89,7 +96,7 @@ def build_dataset(args: argparse.Namespace, work: Path) -> Path:
         batches=3,
         backgrounds=args.backgrounds,
         foregrounds=args.foregrounds,
-        placements=1,
+        placements=args.placements,
         seed=args.seed,
         assets=args.assets,
         overwrite=True,  # --work is kept between runs; its zips are this benchmark's own

@@ -48,12 +48,15 @@ def test_benchmark_runs_end_to_end_and_writes_json(stand_in_assets, tmp_path):
         "--json",
         str(out),
         *TINY_BENCH,
+        "--placements",
+        "2",
         *TINY_TRAIN,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     payload = json.loads(out.read_text())
-    assert payload["samples"] == {"train": 16, "test": 8}  # 1 fg x 4 bgs x 2 flips per batch
+    # 1 fg x 4 bgs x 2 flips x 2 placements per batch
+    assert payload["samples"] == {"train": 32, "test": 16}
     assert set(payload["test"]) == {"iou", "dice", "depth_ssim", "depth_rmse", "depth_mae"}
     assert 0 < payload["params"] < 750_000 and payload["train_wall_s"] > 0
     # Objects 70+ grey levels off their background: a floor computed in the loader's
