@@ -57,7 +57,7 @@ class TrainConfig:
     augment: bool = True
     augment_in: str = "auto"
     # Model
-    widths: tuple[int, ...] = UNetConfig.widths
+    widths: tuple[int, ...] = RECIPES["default"]["widths"]
     diff_input: bool = RECIPES["default"]["diff_input"]
     skip: str = RECIPES["default"]["skip"]
     context: bool = RECIPES["default"]["context"]
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="where augmentation runs; auto: the DALI graph on a GPU, fused torch ops on a CPU",
     )
     g = p.add_argument_group("Model")
-    g.add_argument("--widths", type=widths_type, default=d.widths, help="UNet channels per level")
+    g.add_argument("--widths", type=widths_type, help="UNet channels per level")
     on_off = argparse.BooleanOptionalAction
     g.add_argument("--diff-input", action=on_off, help="also feed fg_bg - bg, |fg_bg - bg|")
     g.add_argument("--skip", choices=SKIPS, help="decoder: concat or add the encoder skips")

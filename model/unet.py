@@ -47,8 +47,8 @@ class UNetConfig:
             UNet, and what checkpoints without the field were) upsamples the deeper level
             and concatenates the skip; ``"add"`` first maps the deeper level to the skip's
             channels with a 1x1 conv at the low resolution, then upsamples and adds it
-            (LinkNet-style), so the full-resolution stage upsamples and convolves a third of
-            the channels.
+            (LinkNet-style), so the full-resolution stage upsamples half the channels and
+            convolves a third.
         context: a global-context block at the bottleneck (the image's mean features added
             back everywhere) and a row-context block before the depth head (each row's mean
             over the width added back to every column). Depth in a room depends mostly on
@@ -181,8 +181,10 @@ class Up(nn.Module):
 
     ``skip="concat"`` concatenates the upsampled level and the skip. ``skip="add"`` maps
     the deeper level to the skip's channels first (1x1 conv and BatchNorm, at the low
-    resolution), then upsamples it and adds the skip: on 2 CPU cores a training step of the
-    default UNet takes about 25% less time, most of it saved at full resolution.
+    resolution), then upsamples it and adds the skip. The full-resolution stage then
+    upsamples half the channels and convolves a third (16 and 16 against 32 and 48 at the
+    default widths); the upsample's backward pass
+    there was the largest single cost of a CPU training step (benchmarks/RESULTS.md).
     """
 
     def __init__(

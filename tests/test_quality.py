@@ -50,6 +50,8 @@ def test_benchmark_runs_end_to_end_and_writes_json(stand_in_assets, tmp_path):
         *TINY_BENCH,
         "--placements",
         "2",
+        "--repeat",
+        "2",
         *TINY_TRAIN,
         timeout=300,
     )
@@ -58,6 +60,16 @@ def test_benchmark_runs_end_to_end_and_writes_json(stand_in_assets, tmp_path):
     # 1 fg x 4 bgs x 2 flips x 2 placements per batch
     assert payload["samples"] == {"train": 32, "test": 16}
     assert set(payload["test"]) == {"iou", "dice", "depth_ssim", "depth_rmse", "depth_mae"}
+    # --repeat 2: seeds 0 and 1 on the same data, the goals judged on the means.
+    runs = payload["runs"]
+    assert [r["seed"] for r in runs] == [0, 1]
+    assert runs[0]["test"] != runs[1]["test"]  # another seed, another model
+    for key, mean in payload["test"].items():
+        values = [r["test"][key] for r in runs]
+        assert mean == pytest.approx(sum(values) / 2)
+        assert payload["test_range"][key] == [min(values), max(values)]
+    assert payload["train_s"] == pytest.approx((runs[0]["train_s"] + runs[1]["train_s"]) / 2)
+    assert "seed 1: IoU" in result.stdout and "mean of 2 seeds" in result.stdout
     assert 0 < payload["params"] < 750_000 and payload["train_wall_s"] > 0
     # Objects 70+ grey levels off their background: a floor computed in the loader's
     # normalised units instead of grey levels would miss them or flag the whole frame.

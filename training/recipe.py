@@ -46,6 +46,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         diff_input=True,
         skip="add",
         context=True,
+        widths=(16, 32, 64, 192, 384),
     ),
     "reference": dict(
         optimizer="sgd",
@@ -65,6 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         diff_input=False,
         skip="concat",
         context=False,
+        widths=(16, 32, 64, 128, 256),
     ),
 }
 
