@@ -43,9 +43,11 @@ RUN_KEYS = (
 FIXED_ON_RESUME = tuple(k for k in RUN_KEYS if k not in ("data", "train", "test", "epochs"))
 # What --weights fixes: the model's shape (in_channels and the image sizes come from the data).
 MODEL_KEYS = ("widths", "diff_input", "skip", "context")
-# Model fields newer than some checkpoints, with the value those checkpoints were built with
-# (UNetConfig's defaults), so a resume or --weights run rebuilds the same model.
+# Fields newer than some checkpoints, with the value those checkpoints ran with (for the model:
+# UNetConfig's defaults), so a resume, --weights or --test-only run of one rebuilds the same
+# model and continues the same loss and schedule, whatever the default recipe says today.
 MODEL_FIELDS_BEFORE = {"diff_input": False, "skip": "concat", "context": False}
+FIELDS_BEFORE = {**MODEL_FIELDS_BEFORE, "cooldown": 1.0, "depth_grad_weight": 0.0}
 
 
 class CheckpointError(TrainError):
@@ -122,7 +124,7 @@ def options_from_checkpoint(options: dict[str, Any], given: set[str], last: Path
         flag, fix = ("--resume", "start without --resume") if resume else ("--weights", "check it")
         raise CheckpointError(f"{flag}: no checkpoint at {path}; {fix}")
     state = load_checkpoint(path)
-    saved = {**MODEL_FIELDS_BEFORE, **state.get("config", {}), **state.get("model_config", {})}
+    saved = {**FIELDS_BEFORE, **state.get("config", {}), **state.get("model_config", {})}
     epochs = options["epochs"] if "epochs" in given else saved.get("epochs", 0)
     if resume and epochs < state["epoch"]:
         raise CheckpointError(
