@@ -179,19 +179,19 @@ class Down(nn.Sequential):
 class Up(nn.Module):
     """2x bilinear upsample, merge the encoder skip, double separable conv.
 
-    ``skip="concat"`` concatenates the upsampled level and the skip. ``skip="add"`` maps
-    the deeper level to the skip's channels first (1x1 conv and BatchNorm, at the low
+    ``merge="concat"`` concatenates the upsampled level and the skip. ``merge="add"``
+    maps the deeper level to the skip's channels first (1x1 conv and BatchNorm, at the low
     resolution), then upsamples it and adds the skip. The full-resolution stage then
     upsamples half the channels and convolves a third (16 and 16 against 32 and 48 at the
-    default widths); the upsample's backward pass
-    there was the largest single cost of a CPU training step (benchmarks/RESULTS.md).
+    default widths); the upsample's backward pass there was the largest single cost of a
+    CPU training step (benchmarks/RESULTS.md, "Third round").
     """
 
     def __init__(
-        self, in_channels: int, skip_channels: int, out_channels: int, skip: str = "concat"
+        self, in_channels: int, skip_channels: int, out_channels: int, merge: str = "concat"
     ) -> None:
         super().__init__()
-        self.add = skip == "add"
+        self.add = merge == "add"
         # Identity for concat, so the classic UNet's parameter names stay as they were.
         self.reduce = (
             nn.Sequential(
