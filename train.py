@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-from model import LOSS_WEIGHTS, SKIPS, LossConfig, MaskDepthLoss, UNet, UNetConfig
+from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from sharding import storage
@@ -36,8 +36,8 @@ from training.distributed import DEVICES, Runtime, setup_runtime, teardown
 from training.errors import TrainError, diverged, interrupted
 from training.evaluate import evaluate
 from training.logger import LossTotals, MetricLogger, RateWindow
-from training.options import HelpFormatter, given_options, positive_int, widths_type
-from training.recipe import RECIPES, add_recipe_args, build_optimizer, resolve
+from training.options import HelpFormatter, given_options, positive_int
+from training.recipe import RECIPES, add_model_args, add_recipe_args, build_optimizer, resolve
 from training.rundir import RUN_DIR_HELP, EpochClock, RunDir, resolved_config, training_rates
 from training.step import LOSS_PARTS, StepTimer, StopCheck, train_step
 
@@ -133,19 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.augment_in,
         help="where augmentation runs; auto: the DALI graph on a GPU, fused torch ops on a CPU",
     )
-    g = p.add_argument_group("Model")
-    g.add_argument("--widths", type=widths_type, help="UNet channels per level")
+    g = add_model_args(p)  # the recipe's model fields; then how the model runs here
     on_off = argparse.BooleanOptionalAction
-    g.add_argument("--diff-input", action=on_off, help="also feed fg_bg - bg, |fg_bg - bg|")
-    g.add_argument("--skip", choices=SKIPS, help="decoder: concat or add the encoder skips")
-    g.add_argument("--context", action=on_off, help="global and row context blocks for depth")
     g.add_argument("--channels-last", action=on_off, default=True, help="NHWC (faster on CPU/GPU)")
-    g.add_argument(
-        "--amp",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="bf16 autocast on CUDA (off on the CPU)",
-    )
+    g.add_argument("--amp", action=on_off, default=True, help="bf16 autocast on CUDA (not CPU)")
     add_recipe_args(p)
     g = p.add_argument_group("Length and seed")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs")

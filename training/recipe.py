@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.options import positive_int
+from model import SKIPS
+from training.options import positive_int, widths_type
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step")
@@ -85,6 +86,17 @@ def share(text: str) -> float:
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]: a share of all steps")
     return value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The "Model" option group with the recipe's model fields; returned for more options."""
+    g = parser.add_argument_group("Model", "Options left out take the --recipe's value.")
+    on_off = argparse.BooleanOptionalAction
+    g.add_argument("--widths", type=widths_type, help="UNet channels per level")
+    g.add_argument("--diff-input", action=on_off, help="also feed fg_bg - bg, |fg_bg - bg|")
+    g.add_argument("--skip", choices=SKIPS, help="decoder: concat or add the encoder skips")
+    g.add_argument("--context", action=on_off, help="global and row context blocks for depth")
+    return g
 
 
 def add_recipe_args(parser: argparse.ArgumentParser) -> None:
