@@ -80,6 +80,7 @@ class TrainConfig:
     depth_weight: float = RECIPES["default"]["depth_weight"]
     depth_l1_weight: float = RECIPES["default"]["depth_l1_weight"]
     depth_grad_weight: float = RECIPES["default"]["depth_grad_weight"]
+    depth_aux_weight: float = RECIPES["default"]["depth_aux_weight"]
     seed: int = 0
     # Run
     device: str = "auto"
@@ -232,6 +233,7 @@ def build_model(
             diff_input=cfg.diff_input,
             skip=cfg.skip,
             context=cfg.context,
+            aux_depth=cfg.depth_aux_weight > 0,
             channels_last=cfg.channels_last,
         )
         weights = {k: getattr(cfg, k) for k in LOSS_WEIGHTS}

@@ -1,7 +1,9 @@
-"""Training loss: weighted mask BCE and soft Dice, depth (1 - SSIM), L1 and gradient L1."""
+"""Training loss: weighted mask BCE and soft Dice, depth (1 - SSIM), L1, gradient L1 and the
+auxiliary (deep supervision) depth maps."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,13 +23,16 @@ LOSS_WEIGHTS = (
     "depth_weight",
     "depth_l1_weight",
     "depth_grad_weight",
+    "depth_aux_weight",
 )
 
 
 @dataclass(frozen=True)
 class LossConfig:
     """Weights of the loss terms: ``total = mask_weight * bce + dice_weight * (1 - dice)
-    + depth_weight * (1 - ssim) + depth_l1_weight * l1 + depth_grad_weight * grad``.
+    + depth_weight * (1 - ssim) + depth_l1_weight * l1 + depth_grad_weight * grad
+    + depth_aux_weight * aux``, where ``aux`` is :func:`aux_depth_loss` of the model's
+    auxiliary depth maps (``UNet.forward(x, aux=True)``).
 
     The defaults are the reference solution's loss, ``2 * bce + (1 - ssim)``.
     """
@@ -37,6 +42,7 @@ class LossConfig:
     dice_weight: float = 0.0
     depth_l1_weight: float = 0.0
     depth_grad_weight: float = 0.0
+    depth_aux_weight: float = 0.0
 
     def __post_init__(self) -> None:
         weights = {k: getattr(self, k) for k in LOSS_WEIGHTS}
@@ -105,6 +111,28 @@ def depth_gradient_l1(depth_pred: torch.Tensor, depth_true: torch.Tensor) -> tor
     return F.l1_loss(p.diff(dim=-1), t.diff(dim=-1)) + F.l1_loss(p.diff(dim=-2), t.diff(dim=-2))
 
 
+def aux_depth_loss(
+    aux_depths: Sequence[torch.Tensor],
+    depth_true: torch.Tensor,
+    grad_weight: float,
+    win: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sum over the coarse depth maps of ``(1 - SSIM) + grad_weight * gradient L1`` against
+    the target average-pooled to each map's size.
+
+    A coarser map's gradient term is scaled by its size over the target's, so that a ramp,
+    whose neighbour differences grow as the map shrinks, weighs as it does at full size.
+    """
+    total = depth_true.new_zeros(())
+    for aux in aux_depths:
+        aux = aux.float()
+        target = F.adaptive_avg_pool2d(depth_true.float(), aux.shape[-2:])
+        scale = aux.shape[-1] / depth_true.shape[-1]
+        grad = depth_gradient_l1(aux, target) * scale
+        total = total + (1.0 - depth_ssim(aux, target, win=win)) + grad_weight * grad
+    return total
+
+
 def soft_dice(mask_logits: torch.Tensor, mask_true: torch.Tensor) -> torch.Tensor:
     """Soft Dice of ``sigmoid(mask_logits)`` and the target over the whole batch, in [0, 1]."""
     prob = torch.sigmoid(mask_logits.float())
@@ -116,13 +144,13 @@ def soft_dice(mask_logits: torch.Tensor, mask_true: torch.Tensor) -> torch.Tenso
 class MaskDepthLoss(nn.Module):
     """``mask_weight * BCEWithLogits(mask) + dice_weight * (1 - soft Dice(mask))
     + depth_weight * (1 - SSIM(depth)) + depth_l1_weight * L1(depth)
-    + depth_grad_weight * depth_gradient_l1(depth)``.
+    + depth_grad_weight * depth_gradient_l1(depth) + depth_aux_weight * aux_depth_loss(aux)``.
 
     ``forward`` returns a dict of scalar tensors: ``loss`` (the total to backpropagate) and
-    the unweighted terms ``mask_bce``, ``mask_dice_loss``, ``depth_ssim_loss``, ``depth_l1``
-    and ``depth_grad`` for logging; every term is computed even at weight 0 so logs compare
-    across recipes. Move the module to the training device so the SSIM window is not copied there
-    every step.
+    the unweighted terms ``mask_bce``, ``mask_dice_loss``, ``depth_ssim_loss``, ``depth_l1``,
+    ``depth_grad`` and ``depth_aux`` (0 without ``aux_depths``) for logging; every term is
+    computed even at weight 0 so logs compare across recipes. Move the module to the training
+    device so the SSIM window is not copied there every step.
     """
 
     def __init__(self, cfg: LossConfig | None = None) -> None:
@@ -136,8 +164,10 @@ class MaskDepthLoss(nn.Module):
         depth_pred: torch.Tensor,
         mask_true: torch.Tensor,
         depth_true: torch.Tensor,
+        aux_depths: Sequence[torch.Tensor] = (),
     ) -> dict[str, torch.Tensor]:
-        """Loss terms for logits ``(B, 1, H, W)`` and depth in [0, 1] ``(B, 1, h, w)``."""
+        """Loss terms for logits ``(B, 1, H, W)``, depth in [0, 1] ``(B, 1, h, w)`` and the
+        model's auxiliary depth maps, if any (coarser, also in [0, 1])."""
         if mask_logits.shape != mask_true.shape:
             raise ValueError(
                 f"mask logits {tuple(mask_logits.shape)} and target {tuple(mask_true.shape)} must "
@@ -158,6 +188,9 @@ class MaskDepthLoss(nn.Module):
             + c.depth_l1_weight * depth_l1
             + c.depth_grad_weight * depth_grad
         )
+        depth_aux = aux_depth_loss(aux_depths, depth_true, c.depth_grad_weight, self.ssim_win)
+        if aux_depths:
+            total = total + c.depth_aux_weight * depth_aux
         return {
             "loss": total,
             "mask_bce": mask_bce,
@@ -165,4 +198,5 @@ class MaskDepthLoss(nn.Module):
             "depth_ssim_loss": depth_ssim_loss,
             "depth_l1": depth_l1,
             "depth_grad": depth_grad,
+            "depth_aux": depth_aux,
         }

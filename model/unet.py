@@ -54,6 +54,12 @@ class UNetConfig:
             over the width added back to every column). Depth in a room depends mostly on
             the row, and where the floor starts depends on the whole picture, which 3x3
             convolutions see only slowly.
+        aux_depth: deep supervision; a 1x1 conv and sigmoid on each decoder level between
+            the bottleneck and the depth head (20x20 and 40x40 at the default sizes), so
+            where a room's floor starts is learnt at the coarse levels, not only through
+            the upsamplings above them. ``forward(x, aux=True)`` returns their maps; they
+            are for the training loss and cost nothing at inference. False (the default,
+            and what checkpoints without the field were) builds none.
 
     The size defaults are the dataset's (``sharding.shard_format.GEOMETRY``), as are the
     loader's; ``UNetConfig.for_geometry(loader_cfg.geometry, ...)`` ties a model to a loader.
@@ -67,6 +73,7 @@ class UNetConfig:
     channels_last: bool = True
     skip: str = "concat"
     context: bool = False
+    aux_depth: bool = False
 
     @classmethod
     def for_geometry(cls, geometry: Geometry, **fields: Any) -> UNetConfig:
@@ -113,6 +120,13 @@ class UNetConfig:
     def depth_level(self) -> int:
         """Index of the resolution level the depth head branches off (0 is mask_size)."""
         return int(math.log2(self.mask_size // self.depth_size))
+
+    @property
+    def aux_levels(self) -> tuple[int, ...]:
+        """Decoder levels with an auxiliary depth head (``aux_depth``), coarsest first."""
+        if not self.aux_depth:
+            return ()
+        return tuple(range(len(self.widths) - 2, self.depth_level, -1))
 
     @property
     def input_channels(self) -> int:
@@ -281,6 +295,10 @@ class UNet(nn.Module):
         self.row_context = RowContext(widths[self.cfg.depth_level]) if context else None
         self.depth_head = DepthHead(widths[self.cfg.depth_level])
         self.mask_head = nn.Conv2d(widths[0], 1, 1)
+        # Built finest level first: the order the measured runs drew their initial weights in.
+        self.aux_heads = nn.ModuleDict(
+            {str(level): nn.Conv2d(widths[level], 1, 1) for level in sorted(self.cfg.aux_levels)}
+        )
         if self.cfg.channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -294,9 +312,15 @@ class UNet(nn.Module):
             )
         return torch.cat([bg, fg_bg], dim=1)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(mask_logits, depth)`` for ``x`` of shape ``(B, 2C, H, W)``."""
+    def forward(self, x: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, ...]:
+        """Return ``(mask_logits, depth)`` for ``x`` of shape ``(B, 2C, H, W)``.
+
+        With ``aux``, ``(mask_logits, depth, aux_depths)``: ``aux_depths`` is a tuple of
+        depth maps in [0, 1], one per level of ``cfg.aux_levels`` (coarsest first).
+        """
         self._check_input(x)
+        if aux and not self.cfg.aux_depth:
+            raise ValueError("aux=True needs a model built with UNetConfig(aux_depth=True)")
         # No-op when the caller already sends NHWC; otherwise one copy beats running every
         # conv in the slower layout.
         x = x.contiguous(memory_format=self.cfg.memory_format)
@@ -312,12 +336,15 @@ class UNet(nn.Module):
         if self.global_context is not None:
             x = self.global_context(x)
         depth = self._depth(x) if self.cfg.depth_level == len(self.decoder) else None
+        aux_depths = []
         for level in range(len(self.decoder) - 1, -1, -1):
             x = self.decoder[level](x, skips[level])
             if level == self.cfg.depth_level:
                 depth = self._depth(x)  # (B, 1, depth_size, depth_size)
+            elif aux and str(level) in self.aux_heads:
+                aux_depths.append(torch.sigmoid(self.aux_heads[str(level)](x)))
         mask_logits = self.mask_head(x)  # (B, 1, mask_size, mask_size)
-        return mask_logits, depth
+        return (mask_logits, depth, tuple(aux_depths)) if aux else (mask_logits, depth)
 
     def _depth(self, x: torch.Tensor) -> torch.Tensor:
         if self.row_context is not None:

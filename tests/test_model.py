@@ -15,7 +15,7 @@ from pytorch_msssim import ssim
 from torch import nn
 
 from model import LossConfig, MaskDepthLoss, UNet, UNetConfig, count_parameters
-from model.losses import depth_gradient_l1
+from model.losses import aux_depth_loss, depth_gradient_l1
 from model.summary import _thop_layer_macs, summarize
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +142,64 @@ def test_context_blocks_add_one_vector_per_image_and_one_per_row():
     assert model.global_context is not None and model.row_context is not None
 
 
+@pytest.mark.parametrize(
+    ("widths", "depth_size", "levels", "sizes"),
+    [
+        ((16, 32, 64, 192, 384), 80, (3, 2), [20, 40]),  # the default: 20x20 and 40x40
+        ((8, 16, 32, 64), 80, (2,), [40]),  # make demo's widths
+        ((4, 8, 16), 80, (), []),  # the depth head sits on the level below the bottleneck
+        ((4, 8, 16), 160, (1,), [80]),
+    ],
+)
+def test_aux_depth_heads_sit_between_the_bottleneck_and_the_depth_head(
+    widths, depth_size, levels, sizes
+):
+    torch.manual_seed(0)
+    cfg = UNetConfig(in_channels=1, widths=widths, depth_size=depth_size, aux_depth=True)
+    assert cfg.aux_levels == levels
+    model = UNet(cfg)
+    x = random_inputs(cfg, batch=2)
+    mask_logits, depth, aux = model(x, aux=True)
+    assert [a.shape[-2:] for a in aux] == [(s, s) for s in sizes]
+    assert all(a.shape[:2] == (2, 1) and a.min() >= 0 and a.max() <= 1 for a in aux)
+    # Without aux the same two outputs: the heads change nothing at inference.
+    plain_logits, plain_depth = model(x)
+    torch.testing.assert_close(plain_logits, mask_logits)
+    torch.testing.assert_close(plain_depth, depth)
+    if aux:  # every head is trained by a loss on its map
+        (sum(a.mean() for a in aux)).backward()
+        assert all(p.grad.abs().sum() > 0 for p in model.aux_heads.parameters())
+
+
+def test_a_model_without_aux_heads_has_no_aux_keys_and_refuses_aux():
+    model = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32)))
+    assert UNetConfig().aux_levels == ()
+    assert not any(k.startswith("aux_heads") for k in model.state_dict())
+    with pytest.raises(ValueError, match=r"aux=True needs .*aux_depth=True"):
+        model(random_inputs(model.cfg, batch=1), aux=True)
+
+
+def test_aux_depth_loss_is_zero_for_the_pooled_target_and_grows_with_a_wrong_horizon():
+    room = torch.zeros(2, 1, 80, 80)
+    room[..., :30, :] = 1.0  # the far wall
+    room[..., 30:, :] = torch.linspace(0.6, 0.0, 50)[:, None]  # the floor
+    exact = [F.avg_pool2d(room, 4), F.avg_pool2d(room, 2)]  # 20x20, 40x40
+    assert aux_depth_loss(exact, room, grad_weight=2.0) < 1e-5
+    moved = [torch.roll(a, 3, dims=-2) for a in exact]  # the floor starts 3 cells lower
+    assert aux_depth_loss(moved, room, grad_weight=2.0) > 0.1
+    assert aux_depth_loss([], room, grad_weight=2.0) == 0
+    # Its weight adds it to the total; the term is logged (0 without maps) whatever the weight.
+    mask = torch.zeros(2, 1, 160, 160)
+    logits = torch.full_like(mask, -30.0)
+    depth = torch.rand(2, 1, 80, 80)
+    weighted = MaskDepthLoss(LossConfig(depth_aux_weight=0.5))
+    without = weighted(logits, depth, mask, room)
+    assert without["depth_aux"] == 0
+    with_aux = weighted(logits, depth, mask, room, moved)
+    torch.testing.assert_close(with_aux["depth_aux"], aux_depth_loss(moved, room, 0.0))
+    torch.testing.assert_close(with_aux["loss"], without["loss"] + 0.5 * with_aux["depth_aux"])
+
+
 def test_unknown_skip_is_refused():
     with pytest.raises(ValueError, match="skip='sum' must be one of concat, add"):
         UNetConfig(skip="sum")
@@ -258,6 +316,7 @@ def test_loss_terms_and_weights():
         "depth_ssim_loss",
         "depth_l1",
         "depth_grad",
+        "depth_aux",
     }
     bce = F.binary_cross_entropy_with_logits(mask_logits, mask)
     ssim_loss = 1 - ssim(depth_pred, depth_true, data_range=1.0)

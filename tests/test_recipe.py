@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import train
-from model import UNetConfig
-from training.checkpoint import check_compatible
+from model import UNet, UNetConfig
+from training.checkpoint import check_compatible, load_weights
 from training.errors import TrainError
 from training.recipe import RECIPES, LrSchedule, build_optimizer
 
@@ -115,3 +115,22 @@ def test_checkpoint_without_the_newer_model_fields_is_the_plain_unet(field, flag
     new = UNetConfig(in_channels=1, widths=(4, 8, 16), **{field: RECIPES["default"][field]})
     with pytest.raises(TrainError, match=rf"{field}=(concat|False) .*pass {flag}$"):
         check_compatible(old, Path("old.pt"), new)
+
+
+def test_weights_load_across_the_aux_depth_heads_and_nothing_else():
+    torch.manual_seed(0)
+    plain = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32)))
+    aux = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32), aux_depth=True))
+    fresh_heads = {k: v.clone() for k, v in aux.state_dict().items() if k.startswith("aux_")}
+    load_weights(aux, plain.state_dict())  # a checkpoint without heads: they stay fresh
+    for key, value in aux.state_dict().items():
+        expected = fresh_heads[key] if key.startswith("aux_") else plain.state_dict()[key]
+        torch.testing.assert_close(value, expected)
+    trained = {k: v + 1 if k.startswith("aux_") else v for k, v in aux.state_dict().items()}
+    load_weights(aux, trained)  # a checkpoint with heads: they load too
+    torch.testing.assert_close(aux.aux_heads["2"].weight, fresh_heads["aux_heads.2.weight"] + 1)
+    load_weights(plain, trained)  # a model without heads drops them
+    assert not any(k.startswith("aux_") for k in plain.state_dict())
+    other = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 64)))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_weights(other, plain.state_dict())

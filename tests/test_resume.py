@@ -200,21 +200,27 @@ def test_a_checkpoint_from_before_newer_options_keeps_what_it_ran_with(runs, tmp
     """Options added after a checkpoint was written take the values it ran with, not
     today's default recipe: concat skips, no context, no gradient loss, the plain cosine."""
     state = load_checkpoint(runs.two / "checkpoints" / "last.pt")
-    newer = ("skip", "context", "depth_grad_weight", "cooldown")
+    newer = ("skip", "context", "depth_grad_weight", "cooldown", "depth_aux_weight")
     for key in newer:
         state["config"].pop(key)
         state["model_config"].pop(key, None)
     run = tmp_path / "old"
     shutil.copytree(runs.two, run)
     save_checkpoint(state, run / "checkpoints" / "last.pt")
-    before = {"skip": "concat", "context": False, "depth_grad_weight": 0.0, "cooldown": 1.0}
+    before = {"skip": "concat", "context": False, "depth_grad_weight": 0.0, "cooldown": 1.0,
+              "depth_aux_weight": 0.0}  # fmt: skip
     for argv in (["--resume", "--out", str(run)],
                  ["--test-only", "--weights", str(run / "checkpoints" / "last.pt")]):  # fmt: skip
         cfg = train.parse_args(argv)
         assert {key: getattr(cfg, key) for key in newer} == before, argv
     # The same checkpoint with the fields, as written today: its own values.
     cfg = train.parse_args(["--resume", "--out", str(runs.two)])
-    assert (cfg.skip, cfg.context, cfg.depth_grad_weight) == ("add", True, 2.0)
+    assert (cfg.skip, cfg.context, cfg.depth_grad_weight, cfg.depth_aux_weight) == (
+        "add",
+        True,
+        2.0,
+        0.5,
+    )
 
 
 def test_resume_without_a_checkpoint_says_so(tiny_shards, tmp_path, capsys):

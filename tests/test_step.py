@@ -111,3 +111,29 @@ def test_bf16_train_step_on_cuda_learns_in_channels_last():
     assert out.mask_logits.dtype == torch.float32  # the loss runs in float32
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
     assert out.losses["loss"].item() < before
+
+
+def test_forward_loss_adds_the_aux_depth_maps_in_training_only():
+    from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
+    from training.step import forward_loss
+
+    torch.manual_seed(0)
+    rt = Runtime(device=torch.device("cpu"), amp=False, memory_format=torch.channels_last)
+    model = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32), aux_depth=True))
+    loss_fn = MaskDepthLoss(LossConfig(depth_aux_weight=0.5))
+    batch = {
+        "bg": torch.randn(2, 1, 160, 160),
+        "fg_bg": torch.randn(2, 1, 160, 160),
+        "mask": (torch.rand(2, 1, 160, 160) > 0.5).float(),
+        "depth": torch.rand(2, 1, 80, 80),
+    }
+    trained = forward_loss(model.train(), loss_fn, batch, rt).losses
+    assert trained["depth_aux"] > 0
+    c = loss_fn.cfg
+    weights = {"mask_bce": c.mask_weight, "mask_dice_loss": c.dice_weight,
+               "depth_ssim_loss": c.depth_weight, "depth_l1": c.depth_l1_weight,
+               "depth_grad": c.depth_grad_weight}  # fmt: skip
+    rest = sum(w * trained[k] for k, w in weights.items())
+    torch.testing.assert_close(trained["loss"], rest + 0.5 * trained["depth_aux"])
+    evaluated = forward_loss(model.eval(), loss_fn, batch, rt).losses
+    assert evaluated["depth_aux"] == 0  # the test loss is the model's two outputs only

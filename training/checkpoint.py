@@ -34,7 +34,7 @@ RUN_KEYS = (
     "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
     "skip", "context", "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule",
     "warmup", "cooldown", "lr_step", "lr_gamma", "mask_weight", "dice_weight", "depth_weight",
-    "depth_l1_weight", "depth_grad_weight", "seed", "epochs",
+    "depth_l1_weight", "depth_grad_weight", "depth_aux_weight", "seed", "epochs",
 )
 # fmt: on
 # What --resume refuses to change: anything that would alter the maths the checkpoint already
@@ -47,7 +47,14 @@ MODEL_KEYS = ("widths", "diff_input", "skip", "context")
 # UNetConfig's defaults), so a resume, --weights or --test-only run of one rebuilds the same
 # model and continues the same loss and schedule, whatever the default recipe says today.
 MODEL_FIELDS_BEFORE = {"diff_input": False, "skip": "concat", "context": False}
-FIELDS_BEFORE = {**MODEL_FIELDS_BEFORE, "cooldown": 1.0, "depth_grad_weight": 0.0}
+FIELDS_BEFORE = {
+    **MODEL_FIELDS_BEFORE,
+    "cooldown": 1.0,
+    "depth_grad_weight": 0.0,
+    "depth_aux_weight": 0.0,
+}
+# The auxiliary depth heads (UNetConfig.aux_depth): training scaffolding, absent at inference.
+AUX_PREFIX = "aux_heads."
 
 
 class CheckpointError(TrainError):
@@ -261,7 +268,7 @@ class TrainState:
         if resume:
             self.load_state_dict(saved, restore_rng=rng, path=path)
         else:
-            self.model.load_state_dict(saved["model"])
+            load_weights(self.model, saved["model"])
 
     def load_state_dict(
         self, state: dict[str, Any], restore_rng: bool = True, path: Path = Path("checkpoint")
@@ -278,6 +285,20 @@ class TrainState:
         self.best_iou = float(state["best_iou"])
         if restore_rng:
             set_rng_state(state["rng"])
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Load a checkpoint's ``weights`` into a new run's ``model`` (``--weights``, ``--test-only``).
+
+    The auxiliary depth heads are training scaffolding (see :data:`AUX_PREFIX`): a model with
+    them keeps its fresh ones where the checkpoint has none, and one without drops the
+    checkpoint's. Every other weight must match, as in ``load_state_dict``.
+    """
+    own = model.state_dict()
+    aux = {k: weights.get(k, v) for k, v in own.items() if k.startswith(AUX_PREFIX)}
+    model.load_state_dict(
+        {**{k: v for k, v in weights.items() if not k.startswith(AUX_PREFIX)}, **aux}
+    )
 
 
 def check_compatible(

@@ -21,7 +21,15 @@ from training.distributed import Runtime, agree, max_over_ranks
 from training.errors import TrainError
 
 # What MaskDepthLoss returns, in the order the logs and metrics.json show them.
-LOSS_PARTS = ("loss", "mask_bce", "mask_dice_loss", "depth_ssim_loss", "depth_l1", "depth_grad")
+LOSS_PARTS = (
+    "loss",
+    "mask_bce",
+    "mask_dice_loss",
+    "depth_ssim_loss",
+    "depth_l1",
+    "depth_grad",
+    "depth_aux",
+)
 # Failures the user can act on: every rank reports them as the same one line.
 USER_ERRORS = (TrainError, LoaderError)
 
@@ -56,12 +64,16 @@ def to_device(
 def forward_loss(
     model: nn.Module, loss_fn: nn.Module, batch: dict[str, Any], rt: Runtime
 ) -> StepOutput:
-    """Forward under bf16 autocast when enabled; the loss in float32 (SSIM needs the range)."""
+    """Forward under bf16 autocast when enabled; the loss in float32 (SSIM needs the range).
+
+    A model in training mode with auxiliary depth heads also returns their maps for the loss.
+    """
     x, mask, depth = to_device(batch, rt)
+    aux = model.training and getattr(model, "module", model).cfg.aux_depth  # DDP or not
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.amp):
-        mask_logits, depth_pred = model(x)
-    mask_logits, depth_pred = mask_logits.float(), depth_pred.float()
-    losses = loss_fn(mask_logits, depth_pred, mask, depth)
+        out = model(x, aux=True) if aux else model(x)
+    mask_logits, depth_pred = out[0].float(), out[1].float()
+    losses = loss_fn(mask_logits, depth_pred, mask, depth, out[2] if aux else ())
     return StepOutput(losses, mask_logits, depth_pred, mask, depth)
 
 
