@@ -68,8 +68,8 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         num_threads=args.threads,
         augment_in=args.augment_in,
-        shard_id=0,
-        num_shards=1,
+        rank=0,
+        world_size=1,
     )
     load_at_start = load_average()
     splits = {}

@@ -391,8 +391,8 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=args.batch_size,
         num_threads=workers,
         seed=args.seed,
-        shard_id=0,
-        num_shards=1,
+        rank=0,
+        world_size=1,
     )
     with tempfile.TemporaryDirectory(prefix="seed-baseline-") as workdir:
         runs = plan(args, data, cfg, Path(workdir))

@@ -1,102 +1,30 @@
-"""The torch path: augmentation parameters and the uint8 -> normalised float step.
+"""The torch path: the uint8 -> normalised float step, with the augmentation applied.
 
 Used by the torch backend always, and by the DALI backend when ``LoaderConfig.augment_in``
 resolves to "torch" (the default on the CPU, where these fused ops measured faster than DALI's
-CPU colour operators). On CUDA the default is the same arithmetic inside the DALI graph
-(``pipeline.dali.finish_in_graph``), with parameters drawn by DALI's random operators; this
-module's ``to_float`` is the reference the tests hold that graph to.
+CPU operators). The parameters come from ``pipeline.params``, the one definition that the DALI
+graph (``pipeline.dali_graph``) applies too; this module's ``to_float`` is the reference the
+tests hold that graph to.
 
-Here parameters are a pure function of (seed, epoch, sample key): both backends, any rank
-count and any batch composition draw the same jitter for the same sample, which makes epochs
-reproducible and lets the tests compare backends with augmentation on.
-
-Colour jitter follows torchvision's ColorJitter factors (brightness, contrast and saturation
-factors from [1 - x, 1 + x], hue shift from [-x, x] of a turn) in a fixed order b, c, s, h.
-All four are linear in the pixel values, so they and the normalisation fold into one per-sample
-affine map (a scalar for single-channel data, a 3x3 matrix for RGB), applied in cache-sized
-chunks of samples straight from the uint8 pixels; the result is clipped once at the end. Two
-deliberate approximations: hue is a rotation about the grey axis (see ``colour_matrix``) rather
-than a trip through HSV, and intermediate results are not clipped between the steps. Noise is
+Each part's per-sample affine map (``pipeline.params.Affine``) is applied in cache-sized chunks
+of samples straight from the uint8 pixels, and the result is clipped once at the end. Noise is
 N(0, noise_std) in [0, 1] pixel units, a slice of a fixed bank of normals at a per-sample
 offset (see ``noise_bank``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-
 import numpy as np
 import torch
 
 from pipeline.config import LoaderConfig
+from pipeline.params import INPUTS, LUMA, MASK_THRESHOLD, Affine, batch_affines, draw_params
 
-# Each augmented image gets its own independent stream of draws, per sample.
-INPUTS = ("bg", "fg_bg")
-TARGETS = ("mask", "depth")
-FIELDS = ("brightness", "contrast", "saturation", "hue", "noise", "noise_offset")
 NOISE_BANK_SIZE = 1 << 22
 # Samples per chunk on the CPU: ~512K values (2 MB, an L2 cache here) keeps every pass over a
 # chunk in cache; 2^19 and 2^20 measured best for RGB (2^18: +15%, 2^22: +20% CPU time).
 _CHUNK_VALUES = 1 << 19
-
-# Rec. 601 luma weights: the grey level that contrast blends with and saturation keeps.
-LUMA = (0.299, 0.587, 0.114)
-_LUMA = torch.tensor(LUMA, dtype=torch.float64)
-_LUMA_F = _LUMA.float()
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def key_hashes(keys: list[str], seed: int, epoch: int) -> np.ndarray:
-    """One 64-bit hash per sample key, salted with (seed, epoch): the root of all its draws."""
-    return np.fromiter(
-        (
-            int.from_bytes(
-                hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest(), "little"
-            )
-            for key in keys
-        ),
-        dtype=np.uint64,
-        count=len(keys),
-    )
-
-
-def _uniform(hashes: np.ndarray, stream: int) -> np.ndarray:
-    """Uniform [0, 1) per sample for one stream id, by splitmix64 (vectorised, no RNG state)."""
-    with np.errstate(over="ignore"):
-        z = hashes + np.uint64((stream + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9) & _MASK64
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB) & _MASK64
-        z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-def draw_params(
-    keys: list[str], seed: int, epoch: int, cfg: LoaderConfig, channels: int
-) -> dict[str, dict[str, torch.Tensor]]:
-    """Jitter factors, noise flags and noise offsets for each augmented image of each sample.
-
-    Returns {part: {field: tensor (B,)}}; saturation is 1 and hue 0 for single-channel data.
-    """
-    hashes = key_hashes(keys, seed, epoch)
-    parts = INPUTS + (TARGETS if cfg.augment_targets else ())
-    params = {}
-    for p, part in enumerate(parts):
-        u = [_uniform(hashes, p * len(FIELDS) + f) for f in range(len(FIELDS))]
-        colour = channels == 3 and part in INPUTS
-        params[part] = {
-            "brightness": torch.from_numpy(1 + cfg.brightness * (2 * u[0] - 1)).float(),
-            "contrast": torch.from_numpy(1 + cfg.contrast * (2 * u[1] - 1)).float(),
-            "saturation": torch.from_numpy(
-                1 + cfg.saturation * (2 * u[2] - 1) if colour else np.ones(len(keys))
-            ).float(),
-            "hue": torch.from_numpy(
-                cfg.hue * (2 * u[3] - 1) if colour else np.zeros(len(keys))
-            ).float(),
-            "noise": torch.from_numpy(u[4] < cfg.noise_prob),
-            "noise_offset": torch.from_numpy(u[5]).float(),
-        }
-    return params
+_LUMA_F = torch.tensor(LUMA, dtype=torch.float32)
 
 
 def noise_bank(seed: int, device: torch.device | str) -> torch.Tensor:
@@ -108,31 +36,6 @@ def noise_bank(seed: int, device: torch.device | str) -> torch.Tensor:
     """
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(NOISE_BANK_SIZE, generator=generator).to(device)
-
-
-def colour_matrix(p: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B, 3, 3) float64 hue @ saturation matrices; brightness and contrast are scalars.
-
-    Both map grey to itself: saturation blends with the luma grey (as torchvision does), hue
-    turns the colour about the grey axis (1, 1, 1), the linear stand-in for HSV's hue shift.
-    Over random colours and shifts in [-0.075, 0.075] it is within 0.04 of torchvision's HSV
-    result on average (0.13 at the 99th percentile, in [0, 1] units); a rotation in YIQ, as
-    DALI's hsv operator does, was further off (0.06, 0.23).
-    """
-    s = p["saturation"].double().view(-1, 1, 1)
-    sat = s * torch.eye(3, dtype=torch.float64) + (1 - s) * _LUMA.view(1, 1, 3)
-    angle = 2 * math.pi * p["hue"].double().view(-1, 1, 1)
-    axis = torch.full((3,), 1 / math.sqrt(3), dtype=torch.float64)
-    cross = torch.tensor(  # the cross-product matrix of the grey axis
-        [[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], dtype=torch.float64
-    ) / math.sqrt(3)
-    # Rodrigues' rotation formula about the grey axis.
-    hue = (
-        torch.cos(angle) * torch.eye(3, dtype=torch.float64)
-        + torch.sin(angle) * cross
-        + (1 - torch.cos(angle)) * torch.outer(axis, axis)
-    )
-    return hue @ sat
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
@@ -157,16 +60,16 @@ def to_float(
     images: torch.Tensor,
     mean: float,
     std: float,
-    params: dict[str, torch.Tensor] | None = None,
+    affine: Affine | None = None,
     bank: torch.Tensor | None = None,
-    noise_std: float = 0.0,
 ) -> torch.Tensor:
-    """uint8 (B, H, W, C) -> float32 (B, C, H, W) = (jitter(x)/255 [+ noise] - mean) / std.
+    """uint8 (B, H, W, C) -> float32 (B, C, H, W) = clip(M x + grey(x) w + bias [+ noise]).
 
-    On the CPU the batch goes through in cache-sized chunks of samples: one uint8 -> float
-    cast (which also does HWC -> CHW) into a reused scratch buffer, then every later step of
-    that chunk (affine, noise, clip) runs while it is still in cache. Measured 2-3x faster than
-    batch-wide passes, which stream 30 MB per op through memory.
+    ``affine`` None: the plain ``(x / 255 - mean) / std``. On the CPU the batch goes through in
+    cache-sized chunks of samples: one uint8 -> float cast (which also does HWC -> CHW) into a
+    reused scratch buffer, then every later step of that chunk (affine, noise, clip) runs while
+    it is still in cache. Measured 2-3x faster than batch-wide passes, which stream 30 MB per
+    op through memory.
     """
     batch, height, width, channels = images.shape
     device = images.device
@@ -182,40 +85,32 @@ def to_float(
         images = _Deinterleaved(
             images, _scratch((min(chunk, batch), 3, height, width), device, torch.uint8)
         )
-    if params is None:
-        scale, bias = _constant(1 / (255 * std), device), _constant(-mean / std, device)
+    bias = _constant(-mean / std, device)
+    if affine is None:
+        scale = _constant(1 / (255 * std), device)
         for start in range(0, batch, chunk):
             pixels = scratch[: min(chunk, batch - start)].copy_(images[start : start + chunk])
             torch.addcmul(bias, pixels, scale, out=out[start : start + chunk])
         return out
-    # Per-sample scalars go to the images' device from pinned memory, asynchronously.
-    brightness = _upload(params["brightness"], device)
-    contrast = _upload(params["contrast"], device)
-    # shift = ((1 - c) * b * grey / 255 - mean) / std, as grey * grey_weight + bias
-    grey_weight = ((1 - contrast) * brightness / (255 * std)).view(-1, 1)
-    bias = _constant(-mean / std, device)
-    gain = brightness * contrast / (255 * std)
+    # Per-sample values go to the images' device from pinned memory, asynchronously.
+    matrix = _upload(torch.from_numpy(affine.matrix), device)  # (B, C, C), rows: outputs
+    grey_weight = _upload(torch.from_numpy(affine.grey_weight), device).view(-1, 1)
     if channels == 3:
-        # (B, 3, 3) with rows over output channels; luma first, for the grey level
-        matrix = gain.view(-1, 1, 1) * _upload(colour_matrix(params).float(), device)
         columns = [matrix[:, :, k : k + 1] for k in range(3)]  # (B, 3, 1) each
         luma = _constant(_LUMA_F, device).view(3, 1)
     else:
-        gain = gain.view(-1, 1, 1, 1)
+        gain = matrix.view(-1, 1, 1, 1)
     # Only the flagged samples (noise_prob of them) pay for noise.
-    noisy = torch.nonzero(params["noise"]).flatten().tolist() if noise_std > 0 else []
+    noisy = np.flatnonzero(affine.noise_scale).tolist() if bank is not None else []
     size = channels * height * width
-    offsets = (
-        (params["noise_offset"].double() * (len(bank) - size)).long().tolist() if noisy else []
-    )
+    offsets = (affine.noise_offset * (len(bank) - size)).astype(np.int64).tolist() if noisy else []
+    scales = affine.noise_scale.tolist()
     low, high = (0 - mean) / std, (1 - mean) / std
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         n = stop - start
         pixels = scratch[:n].copy_(images[start:stop])  # 0..255 as float
         target = out[start:stop]
-        # Contrast blends with the mean grey level (of the brightness-adjusted image);
-        # saturation and hue map grey to grey, so one shift serves all channels.
         channel_means = pixels.view(n, channels, -1).mean(2)  # (n, C)
         grey = channel_means @ luma if channels == 3 else channel_means  # (n, 1)
         shift = torch.addcmul(bias, grey, grey_weight[start:stop])  # (n, 1)
@@ -231,7 +126,7 @@ def to_float(
         while noisy and noisy[0] < stop:
             i = noisy.pop(0)
             noise = bank[offsets[i] : offsets[i] + size].view(channels, height, width)
-            out[i].add_(noise, alpha=noise_std / std)
+            out[i].add_(noise, alpha=scales[i])
         target.clamp_(low, high)
     return out
 
@@ -290,23 +185,31 @@ def _finish_batch(
     bank: torch.Tensor | None,
 ) -> dict:
     channels = raw["bg"].shape[-1]
-    params = draw_params(keys, cfg.seed, epoch, cfg, channels) if augment else {}
+    affines = batch_affines(keys, cfg.seed, epoch, cfg, channels) if augment else {}
+    bank = bank if cfg.noise_std > 0 else None
     batch = {}
     for part in INPUTS:
-        batch[part] = to_float(raw[part], cfg.mean, cfg.std, params.get(part), bank, cfg.noise_std)
-    if "mask" in params:
-        jittered = to_float(raw["mask"], 0.0, 1.0, params["mask"], bank, cfg.noise_std)
+        batch[part] = to_float(raw[part], cfg.mean, cfg.std, affines.get(part), bank)
+    if "mask" in affines:
+        jittered = to_float(raw["mask"], 0.0, 1.0, affines["mask"], bank)
         batch["mask"] = (jittered > 0.5).float()
     else:
         mask = raw["mask"].permute(0, 3, 1, 2)  # C == 1: the same memory order as CHW
         batch["mask"] = torch.empty(mask.shape, device=mask.device)
-        # JPEG blurs the mask's edges; 127 splits the white object from the black background.
-        torch.gt(mask, 127, out=batch["mask"])
-    batch["depth"] = to_float(raw["depth"], 0.0, 1.0, params.get("depth"), bank, cfg.noise_std)
+        torch.gt(mask, MASK_THRESHOLD, out=batch["mask"])
+    batch["depth"] = to_float(raw["depth"], 0.0, 1.0, affines.get("depth"), bank)
     batch["key"] = keys
-    if cfg.return_params:
-        batch["params"] = params
+    if cfg.return_params and augment:
+        batch["params"] = drawn_params(keys, cfg, epoch, channels)
     return batch
+
+
+def drawn_params(keys: list[str], cfg: LoaderConfig, epoch: int, channels: int) -> dict:
+    """The drawn factors of a batch as {part: {field: tensor (B,)}} (``return_params``)."""
+    return {
+        part: {field: torch.from_numpy(np.asarray(v)) for field, v in values.items()}
+        for part, values in draw_params(keys, cfg.seed, epoch, cfg, channels).items()
+    }
 
 
 def denormalize(images: torch.Tensor, cfg: LoaderConfig) -> torch.Tensor:

@@ -35,19 +35,31 @@ class LoaderConfig:
     hue: float = 0.075  # colour data only; fraction of a full turn
     noise_std: float = 0.05  # in [0, 1] pixel units
     noise_prob: float = 0.2
-    last_batch: str = "partial"  # "partial" or "drop"
+    # The test split's last partial global batch: "partial" keeps it (split evenly over the
+    # ranks, so every sample is evaluated once), "drop" leaves it out. Training always drops
+    # it, so that every rank takes the same number of steps.
+    last_batch: str = "partial"
     # Output sides: bg, fg_bg and mask at image_size, depth at depth_size (resized if stored
     # otherwise). The defaults are the dataset's, as are UNetConfig's; see ``geometry``.
     image_size: int = GEOMETRY.image_size
     depth_size: int = GEOMETRY.depth_size
     mean: float = 0.5
     std: float = 0.25
-    shard_id: int | None = None  # None: torch.distributed rank when initialised, else 0
-    num_shards: int | None = None  # None: torch.distributed world size when initialised, else 1
-    # Samples; shuffles within the epoch, on top of the shard-order shuffle (the shards are
-    # already globally shuffled at build time). Refilled at every epoch start: 2048 cost
-    # ~40 us/sample amortised over a 2,800-sample epoch, 1024 about half that (measured).
-    shuffle_buffer: int = 1024
+    rank: int | None = None  # None: torch.distributed rank when initialised, else 0
+    world_size: int | None = None  # None: torch.distributed world size when initialised, else 1
+    # Batches DALI prepares ahead of the one being consumed: on a GPU they overlap the step.
+    prefetch: int = 2
+    # The GPU decoder (``mixed``), for 160x160 JPEGs. Every image here is below nvJPEG's
+    # hybrid-Huffman threshold, so the share the hardware decoder does not take is
+    # Huffman-decoded on CPU threads: DALI's own default share, 0.65, until `make gpu-check`
+    # says otherwise (it times 0, 0.65 and 1).
+    hw_decoder_load: float = 0.65
+    decoder_prealloc: int = 160  # image side the decoder preallocates for, in pixels
+    decoder_padding: int = 1 << 20  # slack per decoder buffer (DALI's default is 16 MiB)
+    # Where remote (s3://) shards are cached on this node: None is $MASKDEPTH_CACHE, else
+    # ~/.cache/maskdepth (pipeline.cache); cache_limit refuses a split that would not fit.
+    cache_dir: str | None = None
+    cache_limit: int | None = None
     return_params: bool = False  # debug: add the drawn augmentation parameters to each batch
     # Where the float cast, normalisation and augmentation run: "dali" (inside the DALI graph,
     # on the pipeline's device), "torch" (fused torch ops after DALI decodes, pipeline.augment)
@@ -63,7 +75,7 @@ class LoaderConfig:
             raise LoaderError(f"last_batch={self.last_batch!r} is not one of {LAST_BATCH}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise LoaderError(f"device={self.device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("batch_size", "image_size", "depth_size", "shuffle_buffer"):
+        for name in ("batch_size", "image_size", "depth_size", "prefetch", "decoder_prealloc"):
             if getattr(self, name) < 1:
                 raise LoaderError(f"{name}={getattr(self, name)} must be at least 1")
         if self.num_threads is not None and self.num_threads < 0:
@@ -80,12 +92,14 @@ class LoaderConfig:
             )
         if self.std <= 0:
             raise LoaderError(f"std={self.std} must be positive")
-        if (self.shard_id is None) != (self.num_shards is None):
-            raise LoaderError("set both shard_id and num_shards, or neither")
-        if self.num_shards is not None and not 0 <= self.shard_id < self.num_shards:
-            raise LoaderError(
-                f"shard_id={self.shard_id} must be in [0, num_shards={self.num_shards})"
-            )
+        if not 0 <= self.hw_decoder_load <= 1:
+            raise LoaderError(f"hw_decoder_load={self.hw_decoder_load} must be in [0, 1]")
+        if self.decoder_padding < 0:
+            raise LoaderError(f"decoder_padding={self.decoder_padding} must be 0 or more")
+        if (self.rank is None) != (self.world_size is None):
+            raise LoaderError("set both rank and world_size, or neither")
+        if self.world_size is not None and not 0 <= self.rank < self.world_size:
+            raise LoaderError(f"rank={self.rank} must be in [0, world_size={self.world_size})")
 
     @property
     def geometry(self) -> Geometry:
@@ -93,10 +107,10 @@ class LoaderConfig:
         return Geometry(self.image_size, self.depth_size)
 
 
-def resolve_shard(cfg: LoaderConfig) -> tuple[int, int]:
-    """(shard_id, num_shards) from the config, else from torch.distributed, else (0, 1)."""
-    if cfg.num_shards is not None:
-        return cfg.shard_id, cfg.num_shards
+def resolve_rank(cfg: LoaderConfig) -> tuple[int, int]:
+    """(rank, world_size) from the config, else from torch.distributed, else (0, 1)."""
+    if cfg.world_size is not None:
+        return cfg.rank, cfg.world_size
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

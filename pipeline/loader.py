@@ -1,21 +1,21 @@
 """``build_loader``: one entry point over the DALI and torch backends, with epoch semantics.
 
-An epoch is a pure function of (seed, epoch, shard_id): the shard order is permuted with
-(seed, epoch) identically on every rank, each rank takes its contiguous slice of the samples
-in that order (DALI's sharding rule), and shuffles within it with a seed from
-(seed, epoch, shard_id). Each train ``epoch(e)`` starts from a fresh pipeline, so a resumed run
-sees the same data as an uninterrupted one; the test split, never shuffled or augmented, keeps
-its DALI pipeline and resets it between evaluations, which gives the same batches.
+An epoch is a pure function of (seed, epoch): one global order of the split's samples
+(``pipeline.order``), cut into global batches of ``batch_size × world_size`` that each rank
+slices, so the data a run sees does not depend on how many ranks read it, and a run can stop
+and resume anywhere: ``loader.epoch(e, start)`` yields exactly the rest of epoch e after
+``start`` samples of its order. Both backends read the same samples through a
+``pipeline.samples.SampleTable`` (local files; ``s3://`` shards go through the node-local cache,
+``pipeline.cache``), and the DALI pipeline of a split is built once per loader.
 
 Where the batches are finished (float cast, normalisation, augmentation) is
 ``LoaderConfig.augment_in``: inside the DALI graph, or in torch (``pipeline.augment``); see
-``resolve_augment_in``.
+``resolve_augment_in``. Either way the augmentation parameters come from ``pipeline.params``.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import importlib.util
 import logging
 import os
@@ -25,8 +25,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.augment import finish_batch, noise_bank
-from pipeline.config import LoaderConfig, LoaderError, resolve_shard
+from pipeline.augment import drawn_params, finish_batch, noise_bank
+from pipeline.config import LoaderConfig, LoaderError, resolve_rank
+from pipeline.order import Slicing, epoch_order
+from pipeline.samples import build_table
 from pipeline.source import DataSource, resolve_source
 from sharding.shard_format import SPLITS
 
@@ -66,12 +68,6 @@ def keep_freed_batch_memory() -> None:
     log.info("glibc malloc tuned to keep freed batch buffers: %s", bool(ok))
 
 
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from integers, stable across processes and Python versions."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
 def resolve_augment_in(cfg: LoaderConfig, backend: str) -> str:
     """Where batches are finished: "dali" (in the DALI graph) or "torch" (pipeline.augment).
 
@@ -88,85 +84,96 @@ def resolve_augment_in(cfg: LoaderConfig, backend: str) -> str:
     return cfg.augment_in
 
 
-def shard_span(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
-    """[start, stop) of this rank's samples; DALI's rule, so both backends split alike."""
-    return total * shard_id // num_shards, total * (shard_id + 1) // num_shards
-
-
 class Loader:
     """Batches of one split for one rank; iterate ``loader.epoch(e)`` once per epoch."""
 
     def __init__(self, source: DataSource, split: str, cfg: LoaderConfig, backend: str):
         self.source, self.split, self.cfg, self.backend = source, split, cfg, backend
         self.channels = source.channels
-        self.shard_id, self.num_shards = resolve_shard(cfg)
-        start, stop = shard_span(source.num_samples, self.shard_id, self.num_shards)
-        self.num_samples = stop - start
-        self.augment = cfg.augment and split == "train"
+        self.rank, self.world_size = resolve_rank(cfg)
         self.shuffle = split == "train"
+        self.slicing = Slicing(
+            cfg.batch_size,
+            self.rank,
+            self.world_size,
+            drop_last=self.shuffle or cfg.last_batch == "drop",
+        )
+        self.augment = cfg.augment and split == "train"
         self.augment_in = resolve_augment_in(cfg, backend)
+        self.table = build_table(source.shards)
+        self.total_samples = len(self.table)  # in the split, over all ranks
         self._bank = None
-        self._dali = None  # pipeline.dali.DaliEpochs, made on the first epoch
+        self._dali = None  # pipeline.dali.DaliPipeline, built on the first epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank reads in a whole epoch."""
+        return sum(len(b) for b in self.batches(0))
 
     def __len__(self) -> int:
-        if self.cfg.last_batch == "drop":
-            return self.num_samples // self.cfg.batch_size
-        return -(-self.num_samples // self.cfg.batch_size)
+        """Batches this rank reads in a whole epoch: the same on every rank for training."""
+        return self.slicing.steps(self.total_samples)
 
     def __repr__(self) -> str:
         return (
             f"Loader({self.source.origin!r}, split={self.split!r}, backend={self.backend!r}, "
-            f"samples={self.num_samples}, batches={len(self)}, "
-            f"shard={self.shard_id}/{self.num_shards}, augment={self.augment}, "
+            f"samples={self.total_samples}, batches={len(self)}, "
+            f"rank={self.rank}/{self.world_size}, augment={self.augment}, "
             f"augment_in={self.augment_in!r})"
         )
 
-    def shard_order(self, epoch: int) -> list:
-        """The shards in this epoch's order, the same on every rank."""
-        shards = list(self.source.shards)
-        if self.shuffle:
-            order = np.random.default_rng(derive_seed(self.cfg.seed, epoch)).permutation(
-                len(shards)
-            )
-            shards = [shards[i] for i in order]
-        return shards
+    def order(self, epoch: int) -> np.ndarray:
+        """The global order of ``epoch``: sample numbers, the same on every rank."""
+        return epoch_order(self.total_samples, self.cfg.seed, epoch, self.shuffle)
 
-    def epoch(self, epoch: int) -> Iterator[dict]:
-        """Yield this rank's batches for ``epoch``; same (seed, epoch, shard) -> same batches."""
-        if epoch < 0:
-            raise LoaderError(f"epoch={epoch} must be 0 or more")
-        shards = self.shard_order(epoch)
-        seed = derive_seed(self.cfg.seed, epoch, self.shard_id)
+    def batches(self, epoch: int, start: int = 0) -> list[np.ndarray]:
+        """This rank's batches of ``epoch`` from sample ``start`` of the global order."""
+        return self.slicing.batches(self.order(epoch), start)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        """Yield this rank's batches of ``epoch``, after the first ``start`` samples of its
+        global order; same (seed, epoch, start, global batch) -> same data."""
+        if epoch < 0 or start < 0:
+            raise LoaderError(f"epoch={epoch}, start={start}: both must be 0 or more")
+        batches = self.batches(epoch, start)
+        if not batches:
+            return
         if self.backend == "torch":
             from pipeline import torch_backend
 
-            span = shard_span(self.source.num_samples, self.shard_id, self.num_shards)
             yield from torch_backend.iterate_epoch(
-                shards, self.channels, self.cfg, epoch, seed, span, self.shuffle, self.augment
+                self.table, batches, self.channels, self.cfg, epoch, self.augment
             )
             return
-        from pipeline import dali  # defer the DALI import: `import pipeline` works without it
-
-        if self._dali is None:
-            graph = dali.Graph(
-                channels=self.channels,
-                sizes=self.source.sizes,
-                shard=(self.shard_id, self.num_shards),
-                shuffle=self.shuffle,
-                fill=max(1, min(self.cfg.shuffle_buffer, self.num_samples)),
-                in_graph=self.augment_in == "dali",
-                augment=self.augment,
-                cfg=self.cfg,
-            )
-            self._dali = dali.DaliEpochs(graph, self.num_samples, self.source.num_samples)
-        batches = self._dali.epoch(shards, seed)
+        keys = (self.table.keys_of(b) for b in batches)
+        outputs = self._pipeline().epoch(batches, epoch)
         if self.augment_in == "dali":
-            yield from batches  # already the model's batch, made on the pipeline's device
+            for batch, batch_keys in zip(outputs, keys):
+                batch["key"] = batch_keys
+                if self.cfg.return_params and self.augment:
+                    batch["params"] = drawn_params(batch_keys, self.cfg, epoch, self.channels)
+                if not batch["bg"].is_cuda:
+                    # On the CPU DALI reuses its output buffers: copy, keeping NHWC memory.
+                    batch.update((p, batch[p].clone()) for p in ("bg", "fg_bg", "mask", "depth"))
+                yield batch
             return
         bank = self._noise_bank() if self.augment else None
-        for raw in batches:
-            keys = raw.pop("key")
-            yield finish_batch(raw, keys, self.cfg, epoch, self.augment, bank)
+        for raw, batch_keys in zip(outputs, keys):
+            yield finish_batch(raw, batch_keys, self.cfg, epoch, self.augment, bank)
+
+    def _pipeline(self):
+        if self._dali is None:
+            from pipeline import dali  # defer the DALI import: `import pipeline` works without it
+
+            spec = dali.graph_spec(
+                self.cfg,
+                self.channels,
+                self.source.sizes,
+                float_out=self.augment_in == "dali",
+                augment=self.augment,
+            )
+            self._dali = dali.DaliPipeline(self.table, spec, self.cfg, seed=self.cfg.seed)
+        return self._dali
 
     def _noise_bank(self) -> torch.Tensor | None:
         if self._bank is None and self.cfg.noise_std > 0:
@@ -195,14 +202,15 @@ def build_loader(source: str | os.PathLike, split: str, cfg: LoaderConfig) -> Lo
             "pip install nvidia-dali-cuda120, or use augment_in='auto'"
         )
     resolve_augment_in(cfg, backend)  # fail on a bad combination before reading anything
-    data = resolve_source(source, split)
+    data = resolve_source(source, split, cfg.cache_dir, cfg.cache_limit)
     loader = Loader(data, split, cfg, backend)
     if backend == "dali" and cfg.device == "cpu":
         keep_freed_batch_memory()
-    if loader.num_samples == 0:
+    if len(loader) == 0:
         raise LoaderError(
-            f"{data.origin}: rank {loader.shard_id} of {loader.num_shards} gets no samples "
-            f"of split {split!r} ({data.num_samples} in all)"
+            f"{data.origin}: split {split!r} has {loader.total_samples} samples, fewer than "
+            f"one global batch of {cfg.batch_size} x {loader.world_size} ranks; "
+            "lower the batch size"
         )
     log.info("%r", loader)
     return loader

@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             augment=not args.no_augment,
             augment_targets=args.augment_targets,
             augment_in=args.augment_in,
-            shard_id=0,
-            num_shards=1,
+            rank=0,
+            world_size=1,
         )
         loader = build_loader(args.data, args.split, cfg)
         print(json.dumps(asdict(used_config(cfg, loader)), sort_keys=True))

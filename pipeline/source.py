@@ -1,7 +1,8 @@
 """Find the shards of a split, from a dataset directory or a WebDataset URL, and check them early.
 
 A dataset directory may be an ``s3://bucket/prefix`` and a URL an ``s3://`` brace pattern;
-``sharding.storage`` reads either, and a storage failure becomes a one-line ``LoaderError``.
+their shards are made local through the node-local cache (``pipeline.cache``), and a storage
+failure becomes a one-line ``LoaderError``.
 Every check here is cheap (file sizes, tar magic, the index's last offset), so a missing,
 truncated or foreign file fails at ``build_loader`` with its path instead of deep inside a
 DALI worker thread or a DataLoader worker. The manifest, index and member formats come from
@@ -14,14 +15,14 @@ import io
 import logging
 import os
 import tarfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pipeline.config import LoaderError
 from sharding import storage
 from sharding.shard_format import (
+    IMAGE_EXTS,
     MANIFEST,
     PARTS,
     TAR_SUFFIX,
@@ -30,6 +31,7 @@ from sharding.shard_format import (
     ManifestMissing,
     index_data_end,
     index_path_for,
+    not_a_dataset,
     parse_index,
     part_of,
     read_manifest,
@@ -43,11 +45,14 @@ _TAR_BLOCK = 512
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar file, its DALI index (None when absent) and its sample count."""
+    """One tar file, its DALI index (None when absent) and its sample count; ``bytes`` and
+    ``sha256`` as the manifest lists them (None for shards given by URL)."""
 
     path: str
     index: str | None
     samples: int
+    bytes: int | None = None
+    sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,28 +69,52 @@ class DataSource:
         return sum(s.samples for s in self.shards)
 
 
-def resolve_source(source: str | os.PathLike, split: str) -> DataSource:
+def resolve_source(
+    source: str | os.PathLike,
+    split: str,
+    cache_dir: str | os.PathLike | None = None,
+    cache_limit: int | None = None,
+) -> DataSource:
     """Resolve a dataset directory or s3:// prefix (with manifest.json), or a brace URL of
-    shards, into checked shards."""
+    shards, into checked local shards; remote ones are fetched into the cache first."""
     text = os.fspath(source)
     try:
         if is_shard_pattern(text):
-            return _from_url(text)
-        if storage.is_url(text) or os.path.isdir(text):
-            return _from_manifest(text, split)
+            shards, sizes = _listed_by_url(text), None
+        elif storage.is_url(text) or os.path.isdir(text):
+            shards, sizes, channels = _listed_by_manifest(text, split)
+        else:
+            wrong = not_a_dataset(text)
+            raise LoaderError(
+                wrong or f"{text}: no such dataset directory (one with manifest.json) or shard file"
+            )
+        if storage.is_url(text):
+            from pipeline.cache import local_shards
+
+            origin = text if sizes is not None else text.rsplit("/", 1)[0]
+            shards, _ = local_shards(shards, origin, cache_dir, cache_limit)
     except storage.StorageError as exc:
         raise LoaderError(str(exc)) from None
-    raise LoaderError(f"{text}: no such dataset directory (one with manifest.json) or shard file")
+    checked = []
+    for shard in shards:
+        samples = check_shard(shard.path, shard.index)
+        if shard.samples >= 0 and samples != shard.samples:
+            raise LoaderError(
+                f"{shard.path}: holds {samples} samples but the manifest says {shard.samples}; "
+                "the shard was replaced or the build was interrupted, rebuild it"
+            )
+        checked.append(replace(shard, samples=samples))
+    if sizes is None:
+        channels, sizes = _probe_first_sample(checked[0].path)
+    return DataSource(tuple(checked), channels, sizes, text)
 
 
 def is_shard_pattern(text: str) -> bool:
     """True for a shard file or brace pattern, False for a dataset directory or prefix."""
-    if any(c in text for c in "{}") or text.rstrip("/").endswith(TAR_SUFFIX):
-        return True
-    return not storage.is_url(text) and os.path.exists(text) and not os.path.isdir(text)
+    return any(c in text for c in "{}") or text.rstrip("/").endswith(TAR_SUFFIX)
 
 
-def _from_manifest(root: str, split: str) -> DataSource:
+def _listed_by_manifest(root: str, split: str) -> tuple[list[Shard], dict, int]:
     manifest_path = storage.join(root, MANIFEST)
     try:
         manifest = read_manifest(root)
@@ -102,13 +131,9 @@ def _from_manifest(root: str, split: str) -> DataSource:
     for entry in splits[split]["shards"]:
         path = storage.join(root, entry["file"])
         index = storage.join(root, entry["index"]) if entry.get("index") else None
-        samples = check_shard(path, index, listed_in=manifest_path)
-        if samples != entry["samples"]:
-            raise LoaderError(
-                f"{path}: holds {samples} samples but {manifest_path} says {entry['samples']}; "
-                "the shard was replaced or the build was interrupted, rebuild it"
-            )
-        shards.append(Shard(path, index, samples))
+        if index and not storage.is_url(index) and not os.path.exists(index):
+            raise LoaderError(f"{index}: DALI index listed in {manifest_path} is missing")
+        shards.append(Shard(path, index, entry["samples"], entry["bytes"], entry["sha256"]))
     if not shards:
         raise LoaderError(f"{manifest_path}: split {split!r} has no shards")
     sizes = {
@@ -116,7 +141,7 @@ def _from_manifest(root: str, split: str) -> DataSource:
         for part, info in manifest["images"].items()
         if part in PARTS
     }
-    return DataSource(tuple(shards), int(manifest["channels"]), sizes, root)
+    return shards, sizes, int(manifest["channels"])
 
 
 def expand_url(url: str) -> list[str]:
@@ -141,14 +166,15 @@ def expand_url(url: str) -> list[str]:
     return paths
 
 
-def _from_url(url: str) -> DataSource:
+def _listed_by_url(url: str) -> list[Shard]:
     shards = []
     for path in expand_url(url):
         index = index_path_for(path)
         index = index if index and storage.exists(index) else None
-        shards.append(Shard(path, index, check_shard(path, index)))
-    channels, sizes = _probe_first_sample(shards[0].path)
-    return DataSource(tuple(shards), channels, sizes, url)
+        if not storage.exists(path):
+            raise LoaderError(f"{path}: shard not found")
+        shards.append(Shard(path, index, -1))  # counted once local
+    return shards
 
 
 def check_shard(path: str, index: str | None, listed_in: str | None = None) -> int:
@@ -244,30 +270,18 @@ def open_tar(path: str) -> Iterator[tarfile.TarFile]:
         yield archive
 
 
-def find_undecodable(shards, budget_s: float = 60.0) -> str | None:
-    """'path: member: reason' for the first JPEG PIL cannot decode, or None (also on timeout).
-
-    Only called after a decode failure, to turn DALI's anonymous error into a named file.
+def find_undecodable_samples(table, indices) -> str | None:
+    """'path: member: reason' for the first JPEG of these samples that PIL cannot decode, or
+    None. Only called after a decode failure, to turn DALI's anonymous error into a named file.
     """
     from PIL import Image
 
-    deadline = time.monotonic() + budget_s
-    for shard in shards:
-        try:
-            with open_tar(shard.path) as archive:
-                for member in archive:
-                    if not member.name.endswith(".jpg"):
-                        continue
-                    if time.monotonic() > deadline:
-                        return None
-                    data = archive.extractfile(member).read()
-                    try:
-                        with Image.open(io.BytesIO(data)) as image:
-                            image.load()
-                    except (OSError, ValueError, SyntaxError) as exc:
-                        return f"{shard.path}: {member.name}: cannot decode ({exc})"
-        except storage.StorageError as exc:
-            return str(exc)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            return f"{shard.path}: corrupt or truncated tar ({exc})"
+    for n, streams in zip(indices.tolist(), zip(*table.encoded(indices))):
+        for ext, data in zip(IMAGE_EXTS, streams):
+            try:
+                with Image.open(io.BytesIO(data.tobytes())) as image:
+                    image.load()
+            except (OSError, ValueError, SyntaxError) as exc:
+                shard = table.paths[table.shard[n]]
+                return f"{shard}: {table.keys[n]}.{ext}: cannot decode ({exc})"
     return None

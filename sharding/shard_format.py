@@ -104,6 +104,27 @@ def index_path_for(tar_path: str) -> str | None:
     return tar_path[: -len(TAR_SUFFIX)] + INDEX_SUFFIX
 
 
+def not_a_dataset(path: str) -> str | None:
+    """Why a local ``path`` given as a dataset is not one (a zip, another file), or None.
+
+    Every command that takes a shard directory answers a zip or a stray file with this line.
+    """
+    import zipfile
+
+    if storage.is_url(path) or os.path.isdir(path):
+        return None
+    if not os.path.exists(path):
+        if not path.lower().endswith(".zip"):
+            return None
+        what = "no such file"
+    else:
+        what = "is a zip" if zipfile.is_zipfile(path) else "is a file"
+    return (
+        f"{path}: {what}; a shard directory (with {MANIFEST}) is needed here. "
+        "Build shards from zips with: python -m sharding.build ZIPS --out DIR"
+    )
+
+
 # --- the DALI index -------------------------------------------------------------------------
 
 IndexEntry = tuple[str, int, int, str | None]  # ext, data offset, size, member name (v1.2)

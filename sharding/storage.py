@@ -190,6 +190,25 @@ def read_bytes(path: str | os.PathLike, start: int = 0, length: int | None = Non
         return _client().get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
 
 
+def download(url: str, local: str | os.PathLike, progress=None) -> None:
+    """Fetch a whole object into ``local`` atomically: large objects in parallel ranged parts
+    (``MULTIPART_PART_BYTES`` each), small ones in one GET. ``progress(n)`` is told of every
+    ``n`` bytes received."""
+    from boto3.s3.transfer import TransferConfig
+
+    from sharding.atomic import atomic_path
+
+    bucket, key = split_url(url)
+    config = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_PART_BYTES,
+        max_concurrency=4,
+        use_threads=True,
+    )
+    with _errors(url), atomic_path(local, fsync=False) as tmp:
+        _client().download_file(bucket, key, str(tmp), Config=config, Callback=progress)
+
+
 def read_text(path: str | os.PathLike) -> str:
     """The file or object decoded as UTF-8."""
     return read_bytes(path).decode("utf-8")

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import os
 import sys
 import tarfile
-import zipfile
 
 from tqdm import tqdm
 
@@ -27,6 +25,7 @@ from sharding.shard_format import (
     MEMBER_EXTS,
     IndexFormatError,
     ManifestError,
+    not_a_dataset,
     parse_index,
     read_manifest,
     split_member,
@@ -130,16 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("data", help="shard directory or s3://BUCKET/PREFIX (with manifest.json)")
     p.add_argument("--decode", action="store_true", help="also decode every JPEG fully")
     a = p.parse_args(argv)
-    if not storage.is_url(a.data) and (os.path.isfile(a.data) or a.data.lower().endswith(".zip")):
-        if not os.path.exists(a.data):
-            what = "no such file"
-        else:
-            what = "is a zip" if zipfile.is_zipfile(a.data) else "is a file"
-        print(
-            f"error: {a.data}: {what}; verify takes a shard directory (with manifest.json). "
-            "Build shards from zips with: python -m sharding.build ZIPS --out DIR",
-            file=sys.stderr,
-        )
+    wrong = not_a_dataset(a.data)
+    if wrong:
+        print(f"error: {wrong}", file=sys.stderr)
         return 1
     try:
         counts = verify(a.data, decode=a.decode)

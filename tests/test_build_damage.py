@@ -259,8 +259,8 @@ def check_loads(out: Path, split: str, keys: set[str], channels: int) -> None:
             augment=False,
             image_size=IMAGE,
             depth_size=DEPTH,
-            shard_id=0,
-            num_shards=1,
+            rank=0,
+            world_size=1,
         )
         loader = build_loader(out, split, cfg)
         seen, batch = [], None

@@ -30,8 +30,8 @@ GRAPH = LoaderConfig(
     batch_size=5,
     num_threads=2,
     seed=3,
-    shard_id=0,
-    num_shards=1,
+    rank=0,
+    world_size=1,
 )
 ZERO = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, noise_std=0.0)
 
@@ -241,7 +241,7 @@ def test_targets_stay_binary_and_in_range_when_augmented(rgb, tiny_shards, tiny_
 def test_same_seed_epoch_and_ranks_give_the_same_batches(rgb, tiny_shards, tiny_shards_rgb):
     data = tiny_shards_rgb if rgb else tiny_shards
     for rank in (0, 1):
-        cfg = replace(GRAPH, shard_id=rank, num_shards=2)
+        cfg = replace(GRAPH, rank=rank, world_size=2)
         first = as_lists(build_loader(data, "train", cfg), 2)
         assert_same_batches(first, as_lists(build_loader(data, "train", cfg), 2))
         other = as_lists(build_loader(data, "train", cfg), 3)
@@ -303,7 +303,7 @@ def test_abandoned_evaluation_rebuilds_and_train_rebuilds_per_epoch(tiny_shards,
 def test_reused_test_pipeline_keeps_each_ranks_share(tiny_shards):
     keys = []
     for rank in (0, 1):
-        loader = build_loader(tiny_shards, "test", replace(GRAPH, shard_id=rank, num_shards=2))
+        loader = build_loader(tiny_shards, "test", replace(GRAPH, rank=rank, world_size=2))
         first = [k for batch in loader.epoch(0) for k in batch["key"]]
         again = [k for batch in loader.epoch(1) for k in batch["key"]]
         assert first == again and len(first) == 16  # stick_to_shard: not the next rank's

@@ -25,7 +25,7 @@ BACKENDS = ["dali", "torch"] if dali_available() else ["torch"]
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia.dali not installed")
 
 # Small batches so the 32-sample tiny splits give several batches and a partial last one.
-BASE = LoaderConfig(batch_size=5, num_threads=2, seed=3, shard_id=0, num_shards=1)
+BASE = LoaderConfig(batch_size=5, num_threads=2, seed=3, rank=0, world_size=1)
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -242,7 +242,7 @@ def test_two_ranks_split_without_overlap_or_gap(backend, tiny_shards):
     for epoch in (0, 1):
         ranks = [
             epoch_keys(
-                build_loader(tiny_shards, "train", replace(cfg, shard_id=r, num_shards=2)), epoch
+                build_loader(tiny_shards, "train", replace(cfg, rank=r, world_size=2)), epoch
             )
             for r in range(2)
         ]
@@ -279,7 +279,7 @@ def test_url_source_matches_directory(tiny_shards):
 PROBE = """
 import sys
 from pipeline import LoaderConfig, LoaderError, build_loader
-cfg = LoaderConfig(backend=sys.argv[2], batch_size=4, shard_id=0, num_shards=1)
+cfg = LoaderConfig(backend=sys.argv[2], batch_size=4, rank=0, world_size=1)
 try:
     for batch in build_loader(sys.argv[1], "train", cfg).epoch(0):
         pass

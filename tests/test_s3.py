@@ -236,7 +236,7 @@ def batches(loader, epoch: int = 0) -> list[dict]:
 def test_loaders_read_s3_as_they_read_local_shards(backend, s3_shards, tiny_shards):
     """One train epoch (shuffled, augmented) and the test split: identical keys and pixels."""
     cfg = LoaderConfig(
-        backend=backend, batch_size=5, num_threads=1, seed=3, shard_id=0, num_shards=1
+        backend=backend, batch_size=5, num_threads=1, seed=3, rank=0, world_size=1
     )
     for split, source in (
         ("train", s3_shards),
@@ -260,7 +260,7 @@ def test_torch_backend_streams_only_the_ranks_shards(s3_shards, monkeypatch):
         opened.append(path)
         return real_open(path)
 
-    cfg = LoaderConfig(backend="torch", batch_size=4, num_threads=0, shard_id=1, num_shards=4)
+    cfg = LoaderConfig(backend="torch", batch_size=4, num_threads=0, rank=1, world_size=4)
     loader = build_loader(f"{s3_shards}/test-{{000000..000003}}.tar", "test", cfg)
     monkeypatch.setattr(storage, "open_read", recording_open)
     monkeypatch.setattr(storage, "read_bytes", None)  # a whole-object read would fail here
