@@ -98,13 +98,14 @@ def parse_args(argv: list[str] | None = None) -> PredictConfig:
     g.add_argument("--threshold", type=float, default=0.5, help="mask probability cut-off")
     g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when visible")
     cfg = PredictConfig(**vars(p.parse_args(argv)))
+    # Usage errors: argparse's message and exit status 2, as for an unknown option.
     single, folders = (cfg.bg, cfg.fg_bg), (cfg.bg_dir, cfg.fg_bg_dir)
     if any(single) == any(folders):
-        raise PredictError("give either --bg and --fg-bg, or --bg-dir and --fg-bg-dir")
+        p.error("give either --bg and --fg-bg, or --bg-dir and --fg-bg-dir")
     if not (all(single) or all(folders)):
-        raise PredictError("--bg goes with --fg-bg, and --bg-dir with --fg-bg-dir; give both")
+        p.error("--bg goes with --fg-bg, and --bg-dir with --fg-bg-dir; give both")
     if cfg.batch_size < 1:
-        raise PredictError(f"--batch-size {cfg.batch_size} must be at least 1")
+        p.error(f"--batch-size {cfg.batch_size} must be at least 1")
     return cfg
 
 
@@ -344,7 +345,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: one line on stderr and exit status 1 for a user mistake."""
+    """CLI entry: exit status 2 for a usage error (argparse's), 1 with one line for bad input."""
     try:
         written = predict(parse_args(argv))
     except PredictError as e:

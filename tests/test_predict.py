@@ -138,7 +138,6 @@ def test_bad_input_is_one_line_error(tmp_path):
     write_image(tmp_path / "bg.jpg", (160, 160), "L", seed=1)
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     cases = [
-        (["--bg", str(tmp_path / "bg.jpg")], "give both"),
         (
             ["--bg", str(tmp_path / "bg.jpg"), "--fg-bg", str(tmp_path / "nope.jpg")],
             "does not exist",
@@ -161,6 +160,31 @@ def test_bad_input_is_one_line_error(tmp_path):
         assert "Traceback" not in result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and match in lines[0], result.stderr
+
+
+def test_half_a_pair_is_a_usage_error(tmp_path):
+    """--bg without --fg-bg, and the like: exit 2 with argparse's error line, nothing written."""
+    make_checkpoint(tmp_path / "model.pt", 1)
+    write_image(tmp_path / "bg.jpg", (160, 160), "L", seed=1)
+    image, folder = str(tmp_path / "bg.jpg"), str(tmp_path)
+    cases = [
+        (["--bg", image], "--bg goes with --fg-bg"),
+        (["--fg-bg", image], "--bg goes with --fg-bg"),
+        (["--bg-dir", folder], "--bg-dir with --fg-bg-dir"),
+        ([], "give either --bg and --fg-bg, or --bg-dir and --fg-bg-dir"),
+        (["--bg", image, "--fg-bg", image, "--bg-dir", folder], "give either"),
+        (["--bg", image, "--fg-bg", image, "--batch-size", "0"], "--batch-size 0 must be"),
+    ]
+    before = snapshot(tmp_path)
+    for args, match in cases:
+        argv = ["--checkpoint", str(tmp_path / "model.pt"), *args, "--out", str(tmp_path / "out")]
+        result = run_cli("predict.py", *argv)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        errors = [line for line in result.stderr.splitlines() if "error:" in line]
+        assert errors == [result.stderr.strip().splitlines()[-1]], result.stderr
+        assert errors[0].startswith("predict.py: error: ") and match in errors[0], result.stderr
+        assert snapshot(tmp_path) == before
 
 
 def test_missing_or_foreign_checkpoint_is_refused(tmp_path, capsys):
