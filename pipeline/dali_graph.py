@@ -17,6 +17,10 @@ What comes out depends on ``float_out``:
 - True (``augment_in="dali"``, the default on CUDA): the float cast, jitter, noise, clip and
   normalisation run here: float32 NHWC out, which the loader views as channels_last NCHW.
 - False: uint8 HWC out; ``pipeline.augment`` finishes the batch in torch.
+
+Which samples get noise, and every jitter factor, come from the parameters, so both paths
+agree on them; the noise values themselves are DALI's normals, drawn from the pipeline's seed
+and a generator state that runs on across epochs (the torch path slices a fixed bank instead).
 """
 
 from __future__ import annotations
