@@ -14,6 +14,9 @@ For each pair, with stem the fg_bg file's, writes
     {stem}_mask_160.png, {stem}_depth_80.png    at the model's resolution (mask_size, depth_size)
     {stem}_figure.png    bg | fg_bg | mask | depth, as the model saw them
 
+each through the atomic writer. If --out already holds any of these files, nothing is written
+unless --overwrite is given; other files in --out are left alone.
+
 Masks are 0/255 and depth maps 0-255. Inputs of any size, grey or colour, are converted to the
 model's channel count and resized to its square input, as the test loader does; a line says
 when that changes an input's aspect ratio.
@@ -67,6 +70,7 @@ class PredictConfig:
     batch_size: int = 16
     threshold: float = 0.5
     device: str = "auto"
+    overwrite: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> PredictConfig:
         help="best.pt or last.pt written by train.py, or a run directory (uses its best.pt)",
     )
     p.add_argument("--out", required=True, help="output directory (created if missing)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace predictions already in --out (without it, an existing one is refused)",
+    )
     g = p.add_argument_group("One pair")
     g.add_argument("--bg", help="background image")
     g.add_argument("--fg-bg", help="the same background with the object in it, at the same size")
@@ -223,6 +232,19 @@ def find_pairs(cfg: PredictConfig) -> list[Pair]:
     return pairs
 
 
+def check_out(out: Path, names: list[str], overwrite: bool) -> None:
+    """Refuse an ``--out`` that is a file, or that holds any of ``names`` unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise PredictError(f"--out {out} exists and is not a directory; choose another --out")
+    existing = [name for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise PredictError(
+            f"{out} already holds {existing[0]}{more} that this run would write; "
+            "pass --overwrite to replace them, or choose another --out"
+        )
+
+
 def aspect_note(pairs: list[Pair], size: int) -> str | None:
     """One line when the model's square input changes any input's aspect ratio, else None."""
     changed = [p for p in pairs if p.size[0] != p.size[1]]
@@ -320,9 +342,11 @@ def predict(cfg: PredictConfig) -> list[Path]:
     model, loader_cfg = load_model(cfg.checkpoint, device)
     channels, size = model.cfg.in_channels, model.cfg.mask_size
     pairs = find_pairs(cfg)  # every input is checked before anything is written
+    out = Path(cfg.out)
+    outputs = [output_names(p.fg_bg.stem, model.cfg) for p in pairs]
+    check_out(out, [name for names in outputs for name in names.values()], cfg.overwrite)
     if note := aspect_note(pairs, size):
         print(note)
-    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     bar = tqdm(total=len(pairs), unit="pair", desc="predict", disable=len(pairs) < 2)
@@ -334,7 +358,7 @@ def predict(cfg: PredictConfig) -> list[Path]:
         mask_prob = torch.sigmoid(mask_logits.float()).cpu()
         depth = depth.float().cpu()
         for i, pair in enumerate(chunk):
-            names = output_names(pair.fg_bg.stem, model.cfg)
+            names = outputs[start + i]
             write_outputs(
                 out, names, pair, bg[i], fg_bg[i], mask_prob[i], depth[i], cfg.threshold, loader_cfg
             )

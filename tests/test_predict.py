@@ -263,6 +263,38 @@ def test_folders_pair_same_named_files(tmp_path, capsys):
     assert_refused(tmp_path, capsys, argv, "would write the same kitchen_*.png")
 
 
+def test_existing_predictions_are_replaced_only_with_overwrite(tmp_path, capsys):
+    make_checkpoint(tmp_path / "model.pt", 1)
+    write_image(tmp_path / "bg.jpg", (48, 48), "L", seed=1)
+    write_image(tmp_path / "fg_bg.jpg", (48, 48), "L", seed=2)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(tmp_path / "model.pt"), "--device", "cpu"]
+    argv += ["--bg", str(tmp_path / "bg.jpg"), "--fg-bg", str(tmp_path / "fg_bg.jpg")]
+    assert predict.main([*argv, "--out", str(out)]) == 0
+    (out / "fg_bg_figure.png").write_bytes(b"an earlier figure")
+    (out / "notes.txt").write_text("the user's file")
+    capsys.readouterr()
+
+    assert_refused(tmp_path, capsys, argv, f"{out} already holds fg_bg_mask.png and 4 more")
+    assert predict.main([*argv, "--out", str(out)]) == 1
+    assert "pass --overwrite to replace them" in capsys.readouterr().err
+
+    assert predict.main([*argv, "--out", str(out), "--overwrite"]) == 0
+    with Image.open(out / "fg_bg_figure.png") as figure:
+        assert figure.format == "PNG"
+    assert (out / "notes.txt").read_text() == "the user's file"
+    kinds = ("mask", "depth", "mask_160", "depth_80", "figure")
+    expected = ["notes.txt", *(f"fg_bg_{kind}.png" for kind in kinds)]  # no temporaries left
+    assert sorted(p.name for p in out.iterdir()) == sorted(expected)
+
+    # An --out that is a file is refused, --overwrite or not.
+    (tmp_path / "pred.png").write_bytes(b"a file")
+    for extra in ([], ["--overwrite"]):
+        assert predict.main([*argv, *extra, "--out", str(tmp_path / "pred.png")]) == 1
+        assert "exists and is not a directory" in capsys.readouterr().err
+    assert (tmp_path / "pred.png").read_bytes() == b"a file"
+
+
 def test_checkpoint_may_be_a_run_directory(tmp_path, capsys):
     run = tmp_path / "runs" / "ref"
     (run / "checkpoints").mkdir(parents=True)
