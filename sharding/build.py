@@ -64,7 +64,7 @@ from sharding.shard_format import (
     split_channels,
     write_manifest,
 )
-from sharding.signals import STOP_SIGNALS, StopSignals
+from sharding.signals import STOP_SIGNALS, StopSignals, quiet_when_stdout_closes
 from sharding.tario import ShardWriter, ustar_header
 
 log = logging.getLogger(__name__)
@@ -974,4 +974,4 @@ def _run(cfg: ShardConfig, start: float) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(quiet_when_stdout_closes(main))

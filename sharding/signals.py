@@ -1,4 +1,5 @@
-"""Ctrl-C and kill, handled alike by the commands that write many files (build, synth).
+"""Ctrl-C and kill, handled alike by the commands that write many files (build, synth), and a
+reader that closes stdout early (``| head``).
 
 ``StopSignals`` turns the first SIGINT or SIGTERM into ``KeyboardInterrupt`` in the main
 thread, so the command's own cleanup (workers ended, temporaries removed) runs and it exits
@@ -11,7 +12,10 @@ whatever the process inherited, so a background job (SIGINT ignored) stops the s
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
+from collections.abc import Callable
 from types import FrameType, TracebackType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -41,3 +45,21 @@ class StopSignals:
     ) -> None:
         for sig, old in self._previous.items():
             signal.signal(sig, signal.SIG_IGN if self.count else old)
+
+
+def quiet_when_stdout_closes(main: Callable[[], int]) -> int:
+    """Run a command's ``main``; if its stdout's reader has gone (``| head -3``), end quietly.
+
+    Python ignores SIGPIPE, so a write to a closed pipe raises ``BrokenPipeError``: at a
+    ``print``, or at the flush on exit, where it can no longer be caught. As the Python docs'
+    "Note on SIGPIPE" advises, stdout is flushed here and, once the pipe is closed, pointed at
+    devnull, so nothing writes to it again; the status is then 1, as Python's own on EPIPE.
+    """
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    return status

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -453,6 +454,31 @@ def test_non_empty_out_is_refused_unless_overwrite(tiny_zips, tmp_path):
     redo = run_build(*zips, "--out", str(out2), "--overwrite", "--samples-per-shard", "16")
     assert redo.returncode == 0, redo.stderr
     assert len(list(out2.glob("train-*.tar"))) == 2  # the old 4-shard build is fully replaced
+
+
+@pytest.mark.parametrize("unbuffered", [False, True], ids=["buffered", "unbuffered"])
+def test_closed_stdout_ends_the_build_quietly(tiny_zips, tmp_path, unbuffered):
+    """`sharding.build ... | head -3`: a reader that has gone is no traceback, and the build stands.
+
+    The reader closes the pipe before the build writes a line, so every write to stdout fails:
+    at a print (unbuffered) or at the flush on exit (buffered, as into a pipe by default).
+    """
+    zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PYTHONUNBUFFERED", None)
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    build_cmd = [sys.executable, "-m", "sharding.build", *zips, "--out", str(out)]
+    proc = subprocess.Popen(
+        build_cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1, stderr
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr, stderr
+    assert "Exception ignored" not in stderr, stderr
+    assert verify(out, progress=False) == {"train": 32, "test": 32}  # the build itself finished
 
 
 def start_build_and_wait_for_first_shard(tmp_path: Path) -> tuple[subprocess.Popen, Path, list]:
