@@ -1,6 +1,7 @@
 """Repack the dataset's batch zips into shuffled WebDataset shards with DALI indexes.
 
     python -m sharding.build data/zips/batch*_images.zip --out data/shards
+    python -m sharding.build data/zips --out data/shards    # the batch*_images.zip in it
 
     python -m sharding.build data/zips/batch*_images.zip --out s3://bucket/shards
 
@@ -75,6 +76,8 @@ _OWN_FILE = re.compile(rf"{SHARD_FILE.pattern}|{re.escape(MANIFEST)}|{re.escape(
 _SAMPLE_OVERHEAD = 5 * 1024 + 200
 # A zip member larger than this is refused unread: a 160x160 JPEG is a few kB.
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
+# What a directory given in place of zips stands for.
+BATCH_ZIP_GLOB = "batch*_images.zip"
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,23 @@ class Skips:
 
 
 # --- reading the zips -----------------------------------------------------------------------
+
+
+def expand_zip_dirs(paths: tuple[str, ...]) -> tuple[str, ...]:
+    """The zips given, with a directory standing for the ``batch*_images.zip`` files in it."""
+    zips: list[str] = []
+    for path in paths:
+        if not os.path.isdir(path):
+            zips.append(path)
+            continue
+        found = sorted(str(p) for p in Path(path).glob(BATCH_ZIP_GLOB))
+        if not found:
+            raise BuildError(
+                f"{path}: a directory without {BATCH_ZIP_GLOB} files; give the batch zips, or "
+                "the directory that holds them"
+            )
+        zips.extend(found)
+    return tuple(zips)
 
 
 def open_zip(path: str) -> zipfile.ZipFile:
@@ -607,7 +627,9 @@ def build(cfg: ShardConfig, progress: bool = True) -> dict:
             "(only --out may be an s3:// URL)"
         )
     # Sorted by batch number: the listing order on the command line must not change the bytes.
-    zips = tuple(sorted(cfg.zips, key=lambda p: (batch_number(os.path.basename(p)) or 0, p)))
+    zips = tuple(
+        sorted(expand_zip_dirs(cfg.zips), key=lambda p: (batch_number(os.path.basename(p)) or 0, p))
+    )
     cfg = ShardConfig(**{**asdict(cfg), "zips": zips})
     skips = Skips()
     samples, ignored, member_bytes = scan_zips(cfg, skips)  # fails before touching --out
@@ -839,7 +861,11 @@ def parse_args(argv: list[str] | None = None) -> ShardConfig:
         "The highest-numbered batch becomes the test split.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("zips", nargs="+", help="batch zips, e.g. data/batch*_images.zip")
+    p.add_argument(
+        "zips",
+        nargs="+",
+        help=f"batch zips, e.g. data/batch*_images.zip, or a directory: the {BATCH_ZIP_GLOB} in it",
+    )
     p.add_argument(
         "--out",
         required=True,

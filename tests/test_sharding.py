@@ -65,6 +65,14 @@ def run_build(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return run_cli("-m", "sharding.build", *args, timeout=timeout)
 
 
+def snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes (None for a directory)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(root.rglob("*"))
+    }
+
+
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -555,6 +563,36 @@ def test_full_disk_gives_one_line_error_and_no_manifest(tiny_zips, tmp_path):
     assert not (out / "manifest.json").exists()
     assert not list(out.glob(".tmp-*"))
     assert run_build(*zips, "--out", str(out)).returncode == 0  # and a re-run just works
+
+
+def test_a_directory_stands_for_its_batch_zips(tiny_zips, tmp_path):
+    zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
+    by_name, by_dir = tmp_path / "by-name", tmp_path / "by-dir"
+    assert run_build(*zips, "--out", str(by_name), "--samples-per-shard", "8").returncode == 0
+    result = run_build(str(tiny_zips), "--out", str(by_dir), "--samples-per-shard", "8")
+    assert result.returncode == 0, result.stderr
+    assert snapshot(by_dir) == snapshot(by_name)  # the same zips, the same bytes
+
+    # Ordered by batch number as named zips are (batch10 after batch2: the test split).
+    folder = tmp_path / "zips"
+    folder.mkdir()
+    (folder / "batch2_images.zip").write_bytes((tiny_zips / "batch1_images.zip").read_bytes())
+    (folder / "batch10_images.zip").write_bytes((tiny_zips / "batch2_images.zip").read_bytes())
+    (folder / "notes.zip").write_bytes(b"not a batch zip, not read")
+    manifest = build(ShardConfig(zips=(str(folder),), out=str(tmp_path / "numbered")), False)
+    assert manifest["sources"] == ["batch2_images.zip", "batch10_images.zip"]
+    test_keys = all_shard_members(tmp_path / "numbered", "test")
+    assert test_keys and all(name.startswith("batch10") for name in test_keys)
+
+    # A directory with no batch zip in it: one line naming it, nothing written.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "batch1.zip").write_bytes(b"not named batch*_images.zip")
+    before = snapshot(tmp_path)
+    result = run_build(str(empty), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, str(empty), "batch*_images.zip")
+    assert result.returncode == 1
+    assert snapshot(tmp_path) == before
 
 
 def test_test_zips_option_and_errors(tiny_zips, tmp_path):
