@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, tarfile.TarError) as e:
         print(f"error: {a.data}: {e}", file=sys.stderr)
         return 1
-    print(f"ok: {a.data}: " + ", ".join(f"{k} {v} samples" for k, v in counts.items()))
+    checked = " (every JPEG decoded)" if a.decode else ""
+    print(f"ok: {a.data}: " + ", ".join(f"{k} {v} samples" for k, v in counts.items()) + checked)
     return 0
 
 

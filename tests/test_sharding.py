@@ -246,6 +246,12 @@ def test_build_is_byte_identical_for_same_seed(tiny_zips, tmp_path):
 def test_verify_accepts_a_good_build_and_catches_tampering(tiny_zips, tmp_path):
     shards = make_shards(tiny_zips, tmp_path / "s")
     assert verify(shards, decode=True, progress=False) == {"train": 32, "test": 32}
+    # The ok line says what was checked: with --decode, that every JPEG was decoded.
+    ok = f"ok: {shards}: test 32 samples, train 32 samples"
+    for flags, expected in (((), ok), (("--decode",), f"{ok} (every JPEG decoded)")):
+        result = run_cli("-m", "sharding.verify", str(shards), *flags)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == expected
     tar = shards / "test-000001.tar"
     data = bytearray(tar.read_bytes())
     data[2000] ^= 0xFF
