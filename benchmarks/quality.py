@@ -16,6 +16,8 @@ stops with one line on stderr and exit code 1, as the project's CLIs do for miss
 Goals: test IoU >= 0.90 and depth SSIM >= 0.93 within 750K parameters, far above the floor,
 in at most 300 s of training (train.py's timings.csv: steps and data wait; evaluation apart).
 With ``--repeat N`` it trains N seeds on the same data and judges the goals on the means.
+Without ``--work`` the zips, shards and runs live in a temporary directory that is removed at
+the end, paths train.py printed included; the last line says so, and ``--json`` keeps the results.
 """
 
 from __future__ import annotations
@@ -242,19 +244,27 @@ def main(argv: list[str] | None = None) -> int:
     if problem := missing_dir(args.json):
         print(f"benchmarks.quality: error: {problem}", file=sys.stderr)
         return 1
+    removed = None
     try:
         if args.work:
             work = Path(args.work)
             work.mkdir(parents=True, exist_ok=True)
             payload = run_benchmark(args, work)
         else:
-            with tempfile.TemporaryDirectory(prefix="quality-") as tmp:
-                payload = run_benchmark(args, Path(tmp))
+            with tempfile.TemporaryDirectory(prefix="quality-") as removed:
+                payload = run_benchmark(args, Path(removed))
     except (QualityError, LoaderError) as e:
         print(f"benchmarks.quality: error: {e}", file=sys.stderr)
         return 1
     print_report(payload)
     write_report(args.json, payload)
+    if removed:
+        # train.py printed its metrics.json, results.png and TensorBoard paths in there.
+        kept = f"the results are in {args.json}" if args.json else "--json P keeps the results"
+        print(
+            f"removed the work directory {removed} (zips, shards and the runs whose paths "
+            f"train.py printed above); {kept}; --work DIR keeps everything"
+        )
     return 0
 
 

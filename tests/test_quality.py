@@ -7,6 +7,7 @@ The benchmark needs real photos (shared/eva-assets); these tests write a few sta
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,6 +79,15 @@ def test_benchmark_runs_end_to_end_and_writes_json(stand_in_assets, tmp_path):
     # Training time is train.py's own (steps + data wait, evaluation apart), below its wall.
     assert 0 < payload["train_s"] < payload["train_wall_s"]
     assert payload["eval_s"] > 0 and payload["goals_met"]["train_s"] is True
+    # Without --work the runs lived in a temporary directory, now gone: the last line says so
+    # after the paths train.py printed into it, and names where the results are.
+    lines = result.stdout.strip().splitlines()
+    printed = [line.split()[-1] for line in lines if line.startswith("metrics:")]
+    assert len(printed) == 2, result.stdout
+    removed = lines[-1].split("removed the work directory ", 1)[-1].split(" ", 1)[0]
+    assert lines[-1].startswith(f"removed the work directory {removed} ")
+    assert all(path.startswith(f"{removed}/") for path in printed), (removed, printed)
+    assert not Path(removed).exists() and f"the results are in {out};" in lines[-1]
     assert "pixel-difference floor" in result.stdout and "IoU" in result.stdout
 
 
