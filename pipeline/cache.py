@@ -82,10 +82,10 @@ def localize(
 ) -> tuple[dict[str, str], FetchStats]:
     """{url: local path} for every object, fetching what the cache lacks; and what it sent."""
     folder = cache_folder(cache_dir, origin)
-    known = [o.bytes for o in objects]
-    if cache_limit is not None and None not in known and sum(known) > cache_limit:
+    needed = sum(o.bytes or 0 for o in objects)  # the tars; an index is a small fraction
+    if cache_limit is not None and needed > cache_limit:
         raise LoaderError(
-            f"{origin}: the split needs {sum(known):,} bytes of cache but --cache-limit is "
+            f"{origin}: the split needs {needed:,} bytes of cache but --cache-limit is "
             f"{cache_limit:,}; raise the limit or free space in {folder.parent}"
         )
     try:
@@ -143,7 +143,6 @@ def _write_stamp(path: Path, obj: Remote) -> None:
     write_json(
         _stamp_path(path),
         {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": obj.sha256, "url": obj.url},
-        fsync=False,
     )
 
 

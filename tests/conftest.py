@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from sharding.build import ShardConfig, build
 from sharding.synth import SynthConfig, generate
 
 ROOT = Path(__file__).resolve().parent.parent
+# The shard cache of s3:// sources (pipeline.cache): one per test session, never ~/.cache, and
+# inherited by the CLIs the tests start.
+os.environ["MASKDEPTH_CACHE"] = tempfile.mkdtemp(prefix="maskdepth-cache-")
 EVA_ASSETS = ROOT.parent / "shared" / "eva-assets"
 
 # 2 batches x 2 foregrounds x 4 backgrounds x 2 flips x 2 placements = 64 samples, 32 per split.

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -54,10 +56,24 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> str:
+def s3_log(tmp_path_factory) -> Path:
+    """The server's request log: one line per request, as the server saw it."""
+    return tmp_path_factory.mktemp("moto") / "server.log"
+
+
+def tar_gets(log: Path, start: int) -> Counter:
+    """GET requests per .tar object in the server's log after byte ``start`` of it."""
+    with open(log, "rb") as f:
+        f.seek(start)
+        text = f.read().decode("utf-8", errors="replace")
+    return Counter(re.findall(r"GET (/[^ ?]+\.tar)[ ?]", text))
+
+
+@pytest.fixture(scope="session")
+def s3_server(s3_log) -> str:
     """moto's S3 server on a free loopback port, for the session; stopped by its pid."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
+    log = s3_log
     with open(log, "wb") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -233,11 +249,12 @@ def batches(loader, epoch: int = 0) -> list[dict]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loaders_read_s3_as_they_read_local_shards(backend, s3_shards, tiny_shards):
+def test_loaders_read_s3_as_they_read_local_shards(backend, s3_shards, tiny_shards, tmp_path):
     """One train epoch (shuffled, augmented) and the test split: identical keys and pixels."""
     cfg = LoaderConfig(
-        backend=backend, batch_size=5, num_threads=1, seed=3, rank=0, world_size=1
-    )
+        backend=backend, batch_size=4, num_threads=1, seed=3, rank=0, world_size=1,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
     for split, source in (
         ("train", s3_shards),
         ("test", f"{s3_shards}/test-{{000000..000003}}.tar"),
@@ -252,20 +269,90 @@ def test_loaders_read_s3_as_they_read_local_shards(backend, s3_shards, tiny_shar
                 assert torch.equal(r[part], loc[part]), (split, part)
 
 
-def test_torch_backend_streams_only_the_ranks_shards(s3_shards, monkeypatch):
-    opened = []
-    real_open = storage.open_read
+READ_TWO_EPOCHS = """
+import sys
+from pipeline import LoaderConfig, build_loader
+rank, cache = int(sys.argv[2]), sys.argv[3]
+cfg = LoaderConfig(backend=sys.argv[4], batch_size=4, num_threads=2, rank=rank, world_size=2,
+                   cache_dir=cache)
+loader = build_loader(sys.argv[1], "train", cfg)
+print(sum(len(b["key"]) for epoch in (0, 1) for b in loader.epoch(epoch)))
+"""
 
-    def recording_open(path):
-        opened.append(path)
-        return real_open(path)
 
-    cfg = LoaderConfig(backend="torch", batch_size=4, num_threads=0, rank=1, world_size=4)
-    loader = build_loader(f"{s3_shards}/test-{{000000..000003}}.tar", "test", cfg)
-    monkeypatch.setattr(storage, "open_read", recording_open)
-    monkeypatch.setattr(storage, "read_bytes", None)  # a whole-object read would fail here
-    assert len(batches(loader)) == 2
-    assert opened == [f"{s3_shards}/test-000001.tar"]  # rank 1 of 4: the second 8 samples
+def read_on_two_ranks(url: str, cache: Path, backend: str = BACKENDS[0]) -> list:
+    """Two processes of one node, started together, each reading two epochs of its rank."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", READ_TWO_EPOCHS, url, str(r), str(cache), backend],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for r in range(2)
+    ]
+    results = [p.communicate(timeout=180) for p in procs]
+    for p, (_, err) in zip(procs, results):
+        assert p.returncode == 0, err
+    return results
+
+
+def test_node_cache_fetches_each_tar_once_and_heals(s3_shards, s3_log, tmp_path):
+    cache = tmp_path / "cache"
+    tars = {f"train-{i:06d}.tar" for i in range(4)}
+    start = s3_log.stat().st_size
+    results = read_on_two_ranks(s3_shards, cache)
+    assert [out.strip() for out, _ in results] == ["32", "32"]  # 16 samples x 2 epochs each
+    fetched = tar_gets(s3_log, start)
+    assert {Path(k).name for k in fetched} == tars and set(fetched.values()) == {1}, fetched
+    # a second run on the same cache sends no request for a tar
+    start = s3_log.stat().st_size
+    read_on_two_ranks(s3_shards, cache)
+    assert not tar_gets(s3_log, start)
+    # a byte flipped in a cached tar: that tar alone is fetched again, once, and reading works
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    victim = folder / "train-000002.tar"
+    data = bytearray(victim.read_bytes())
+    data[5000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    start = s3_log.stat().st_size
+    results = read_on_two_ranks(s3_shards, cache)
+    fetched = tar_gets(s3_log, start)
+    assert [Path(k).name for k in fetched] == ["train-000002.tar"] and len(fetched) == 1
+    assert sum(fetched.values()) == 1, fetched
+    notes = [line for _, err in results for line in err.splitlines() if "fetching it again" in line]
+    assert notes == [f"cache: {victim} changed since it was verified; fetching it again"]
+    assert (folder / "SOURCE").read_text().strip() == s3_shards
+
+
+def test_torch_workers_read_the_cache_not_s3(s3_shards, s3_log, tmp_path):
+    cfg = LoaderConfig(
+        backend="torch", batch_size=4, num_threads=2, world_size=1, rank=0,
+        cache_dir=str(tmp_path / "cache"),
+    )  # fmt: skip
+    start = s3_log.stat().st_size
+    loader = build_loader(s3_shards, "train", cfg)
+    assert sum(len(b["key"]) for b in batches(loader)) == 32
+    fetched = tar_gets(s3_log, start)
+    assert len(fetched) == 4 and set(fetched.values()) == {1}, fetched  # 2 workers, one GET
+
+
+def test_cache_limit_and_cache_dir_errors_are_one_line(s3_shards, tmp_path):
+    cfg = LoaderConfig(backend="torch", cache_dir=str(tmp_path / "cache"), cache_limit=1000)
+    manifest = json.loads(storage.read_text(storage.join(s3_shards, MANIFEST)))
+    needed = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"])
+    with pytest.raises(
+        LoaderError, match=f"needs {needed:,} bytes of cache but --cache-limit is 1,000"
+    ):
+        build_loader(s3_shards, "train", cfg)
+    assert not list((tmp_path / "cache").glob("*/*.tar"))  # nothing fetched
+    blocker = tmp_path / "file"
+    blocker.write_text("keep")
+    with pytest.raises(LoaderError, match="cannot create the shard cache"):
+        build_loader(s3_shards, "train", LoaderConfig(backend="torch", cache_dir=str(blocker)))
+    assert blocker.read_text() == "keep"
 
 
 def test_train_py_from_s3_matches_local(s3_shards, tiny_shards, tmp_path):
@@ -315,7 +402,7 @@ def test_missing_object_is_named(s3_env, s3_shards, tiny_zips, tmp_path):
     build(tiny_cfg(tiny_zips, url), progress=False)
     storage.delete([f"{url}/train-000002.tar"])
     one_line_error(run_cli("-m", "sharding.verify", url), f"{url}/train-000002.tar: missing")
-    with pytest.raises(LoaderError, match=f"{url}/train-000002.tar: shard not found"):
+    with pytest.raises(LoaderError, match=f"{url}/train-000002.tar: no such object"):
         build_loader(url, "train", LoaderConfig(backend="torch"))
     result = run_cli("train.py", "--data", f"s3://{BUCKET}/nothing", "--out", str(tmp_path / "r"))
     one_line_error(result, f"s3://{BUCKET}/nothing: no manifest.json there")
