@@ -57,12 +57,15 @@ demo: $(STAMP)
 		--batch-size 16 --widths 8,16,32,64 --no-augment
 
 # Every GPU path on a machine with one CUDA GPU, in about 5 minutes (benchmarks/gpu_check.py).
-# It uses $(PYTHON) as it is: no venv, no install, no network (PYTHON=python3 make gpu-check).
-# Without CUDA or DALI it stops at once with one line naming what is missing.
+# It uses a Python as it is, with no venv made, no install, no network: the PYTHON given on the
+# command line or in the environment (PYTHON=python3 make gpu-check), else $(VENV)/bin/python
+# when it exists (README's GPU set-up makes it), else python3. Without torch, CUDA or DALI it
+# stops at once with one line naming what is missing.
+GPU_PYTHON = $(if $(filter file,$(origin PYTHON)),$(if $(wildcard $(PY)),$(PY),$(PYTHON)),$(PYTHON))
 GPU_CHECK_OUT ?= gpu-check
 GPU_CHECK_ARGS ?=
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) --overwrite $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) -m benchmarks.gpu_check --out $(GPU_CHECK_OUT) --overwrite $(GPU_CHECK_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

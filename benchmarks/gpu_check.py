@@ -1,9 +1,10 @@
 """Check every GPU path on a machine with one CUDA GPU, in about five minutes: `make gpu-check`.
 
-    PYTHON=python3 make gpu-check            # or: python -m benchmarks.gpu_check --out gpu-check
+    make gpu-check      # .venv/bin/python if there is one, else python3; PYTHON=... picks another
+    python -m benchmarks.gpu_check --out gpu-check
 
-It uses the active Python as it is: no venv, no install, no network. Without CUDA or DALI it
-stops at once with one line naming what is missing (exit 1). With them it:
+It uses the active Python as it is: no venv, no install, no network. Without torch, CUDA or
+DALI it stops at once with one line naming what is missing (exit 1). With them it:
 
 1. generates a dataset of about 20,000 grey samples (``sharding.synth`` -> ``sharding.build``);
 2. runs the ``gpu``-marked tests (``pytest -m gpu``);
@@ -43,8 +44,22 @@ class GpuCheckError(Exception):
     """Something the check needs is missing; the message names it."""
 
 
+def importable(name: str) -> bool:
+    """Whether ``import name`` would find a module; a missing parent package counts as missing."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
 def require_gpu_stack() -> dict[str, str]:
     """Versions of torch (with CUDA) and DALI (with CUDA), or the one thing that is missing."""
+    if not importable("torch"):
+        raise GpuCheckError(
+            f"no torch: {sys.executable} cannot import torch; install the CUDA build of "
+            "torch==2.13.0 into it (README, GPU set-up), or name a Python that has it: "
+            "PYTHON=/path/to/python make gpu-check"
+        )
     import torch
 
     if not torch.cuda.is_available():
@@ -52,10 +67,11 @@ def require_gpu_stack() -> dict[str, str]:
             f"no CUDA device: torch {torch.__version__} (built for CUDA "
             f"{torch.version.cuda or 'none'}) sees no GPU; run this on a machine with one"
         )
-    if importlib.util.find_spec("nvidia.dali") is None:
+    if not importable("nvidia.dali"):
         raise GpuCheckError(
-            "no DALI: nvidia.dali is not importable; install nvidia-dali-cuda130 (or the "
-            "build matching your CUDA) into this Python"
+            f"no DALI: nvidia.dali is not importable in {sys.executable}; install the wheel for "
+            f"your CUDA major version (this torch's: {torch.version.cuda}): nvidia-dali-cuda120 "
+            "for CUDA 12.x, nvidia-dali-cuda130 for CUDA 13.x"
         )
     import nvidia.dali as dali
 
