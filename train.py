@@ -18,7 +18,8 @@ import cProfile
 import json
 import math
 import sys
-from contextlib import ExitStack, nullcontext
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,13 @@ from sharding.shard_format import MANIFEST
 from training import checkpoint, distributed, figures, monitor
 from training.checkpoint import FIXED_ON_RESUME, TrainState
 from training.distributed import DEVICES, Runtime, setup_runtime, teardown
-from training.errors import TrainError, diverged, interrupted
+from training.errors import Stopped, TrainError, diverged, interrupted
 from training.evaluate import evaluate
 from training.logger import LossTotals, MetricLogger, RateWindow
 from training.options import HelpFormatter, given_options, positive_int
 from training.recipe import RECIPES, add_model_args, add_recipe_args, build_optimizer, resolve
 from training.rundir import RUN_DIR_HELP, EpochClock, RunDir, resolved_config, training_rates
-from training.step import LOSS_PARTS, StepTimer, StopCheck, train_step
+from training.step import LOSS_PARTS, StepTimer, StopCheck, stop_requests, train_step
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class TrainConfig:
     overwrite: bool = False
     weights: str | None = None
     test_only: bool = False
-    stop_after_epoch: int | None = None
+    checkpoint_every: int | None = None  # steps between mid-epoch checkpoints
     # Logging
     log_interval: int = 10
     histograms: bool = False
@@ -150,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="replace a run already in OUT")
     g.add_argument("--weights", help="start from this checkpoint's model (and its --widths)")
     g.add_argument("--test-only", action="store_true", help="only evaluate --weights' run")
-    g.add_argument("--stop-after-epoch", type=positive_int, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--checkpoint-every",
+        type=positive_int,
+        metavar="STEPS",
+        help="also save last.pt every STEPS steps mid-epoch (always on SIGINT/SIGTERM); "
+        "--resume continues from the exact sample",
+    )
     g = p.add_argument_group("Logging")
     g.add_argument(
         "--log-interval", type=positive_int, default=d.log_interval, help="steps per log line"
@@ -260,12 +267,14 @@ def build_state(
     state = TrainState(
         model, train_model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg, asdict(cfg)
     )
+    state.global_batch = cfg.batch_size * rt.world_size
     if cfg.resume or cfg.weights:
         path = run.last if cfg.resume else Path(cfg.weights)
         # Other ranks keep their own seed + rank random streams.
         state.restore(path, resume=cfg.resume, resume_keys=FIXED_ON_RESUME, rng=rt.is_main)
         if cfg.resume and rt.is_main:
-            print(f"resumed from {path} after epoch {state.epochs_done}")
+            within = f", {state.position} samples into the next" if state.position else ""
+            print(f"resumed from {path} after epoch {state.epochs_done}{within}")
     return state
 
 
@@ -277,26 +286,32 @@ def train_one_epoch(
     rt: Runtime,
     logger: MetricLogger,
     gpu: monitor.GpuMonitor,
+    run: RunDir,
+    requested: Callable[[], bool],
 ) -> tuple[dict[str, float], StepTimer]:
-    """One pass over this rank's training batches; the mean loss parts and this rank's timer."""
+    """One pass over this rank's training batches, from ``state.position`` of the epoch's
+    global order; the mean loss parts and this rank's timer. When ``requested`` (a signal)
+    before its last step, it saves last.pt where it is and raises ``Stopped``."""
     model, optimizer = state.train_model.train(), state.optimizer
     totals, timer = LossTotals(rt.device), StepTimer(rt)
     window = RateWindow(timer, rt.world_size)  # samples/s as timings.csv counts them
-    iterator, total = iter(loader.epoch(epoch)), min(len(loader), cfg.max_batches or len(loader))
-    samples = min(total * cfg.batch_size, loader.num_samples)
+    per_step = state.global_batch
+    total = min(len(loader), cfg.max_batches or len(loader))  # every rank takes as many
+    done = state.position // per_step
+    iterator = iter(loader.epoch(epoch, state.position))
+    samples = (total - done) * cfg.batch_size
     bar = logger.progress(samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="sample")
-    stops = StopCheck(rt, total)  # a failure on one rank stops every rank, before the next step
-    # Join lets a rank that runs out of batches shadow the others' gradient all-reduces,
-    # so shards with uneven sample counts do not hang the run.
-    with model.join() if rt.distributed else nullcontext(), bar:
-        for step in range(total):
-            batch = stops.next_batch(timer, iterator, step)
+    stops = StopCheck(rt, total - done)  # a failure on one rank stops every rank
+    with bar:
+        for step in range(done, total):
+            batch = stops.next_batch(timer, iterator, step - done, requested())
             if batch is None:
                 break
             # An exception in here (out of memory) is not agreed on: the others are already in
             # this step's DDP collectives. torchrun ends them; srun needs --kill-on-bad-exit.
             out = train_step(model, state.loss_fn, optimizer, batch, rt)
             state.scheduler.step()  # per optimizer step: the schedule spans the run's steps
+            state.position = (step + 1) * per_step
             timer.step_done(out.samples)
             totals.add(out.losses, out.samples)
             bar.update(out.samples)
@@ -309,7 +324,13 @@ def train_one_epoch(
                     stops.fail(diverged(where, RunDir(Path(cfg.out)).last))
                 lr = optimizer.param_groups[0]["lr"]
                 logger.step(epoch, step, total, values, lr, window.read(), bar)
+            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 < total - step - 1:
+                distributed.on_main(rt, run.save_position, state)
     stops.finish()
+    if stops.stopped:
+        distributed.on_main(rt, run.save_position, state)
+        raise Stopped(epoch, state.position, run.last)
+    state.position = 0  # the epoch is done
     means, samples = totals.means(rt)
     rates = training_rates(samples, timer.train_s, timer.data_s)
     return {**means, "lr": optimizer.param_groups[0]["lr"], "samples": samples, **rates}, timer
@@ -327,8 +348,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         config = resolved_config(asdict(cfg), rt, train_loader)  # what "auto" became here
         if rt.is_main:
             print(json.dumps(config, indent=2))
-        # Every rank sizes its schedule alike, so all ranks step with the same lr.
-        steps = distributed.max_over_ranks(min(len(train_loader), cfg.max_batches or 10**9), rt)
+        # Every rank takes the same steps (pipeline.order), so all step with the same lr.
+        steps = min(len(train_loader), cfg.max_batches or len(train_loader))
         state = build_state(cfg, rt, run, train_loader.channels, loader_cfg, steps)
         run.prepare(config, cfg.resume, cfg.overwrite, rt)  # after the checkpoint's checks
         tb_dir = run.path / "tb" if rt.is_main else None
@@ -336,15 +357,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         profiling = cfg.profile == "cprofile" and rt.is_main
         profiler = cleanup.enter_context(cProfile.Profile()) if profiling else None
         epochs = range(0) if cfg.test_only else range(state.epochs_done, cfg.epochs)
-        preview, stopped, final = (cfg.figure_samples if rt.is_main else 0), None, None
+        preview, final = (cfg.figure_samples if rt.is_main else 0), None
         if epochs:  # traced before the GPU monitor attaches its memory hooks
             logger.graph(state.model, state.unet_cfg, rt.device)
         watch = {"enabled": rt.is_main and bool(epochs), "profile": cfg.profile == "torch"}
         watch.update(logger=logger, log_interval=cfg.log_interval, note=print)
-        with monitor.gpu_monitor(state.model, rt.device, run.path, **watch) as gpu:
+        watching = monitor.gpu_monitor(state.model, rt.device, run.path, **watch)
+        # SIGINT/SIGTERM stop at the next step's start, or after the epoch in hand is saved.
+        with watching as gpu, stop_requests() as requested:
             clock = EpochClock()
             for epoch in epochs:
-                train, timer = train_one_epoch(state, train_loader, epoch, cfg, rt, logger, gpu)
+                train, timer = train_one_epoch(
+                    state, train_loader, epoch, cfg, rt, logger, gpu, run, requested
+                )
                 distributed.sync_buffers(state.model, rt)
                 with clock.evaluating():  # eval_s in timings.csv
                     test, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
@@ -359,18 +384,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                     grid = figures.preview_grid(shown, loader_cfg) if shown else None
                     logger.epoch(record, is_best, grid, state.model if cfg.histograms else None)
                 distributed.on_main(rt, run.save_epoch, state, is_best)  # or every rank stops
-                if cfg.stop_after_epoch is not None and epoch + 1 >= cfg.stop_after_epoch:
-                    stopped = epoch + 1
-                    break
-        if stopped is None:  # the final evaluation, capped by --max-batches like every other
-            final, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
-            if rt.is_main:
-                run.write_results(final, state, shown)
-                logger.summary(final, state.history, run.path)
+                if distributed.agree(None, rt, requested()):
+                    raise Stopped(epoch + 1, 0, run.last)
+        # the final evaluation, capped by --max-batches like every other
+        final, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
+        if rt.is_main:
+            run.write_results(final, state, shown)
+            logger.summary(final, state.history, run.path)
         if profiler is not None:
             print(monitor.write_cprofile(profiler, run.path / "cprofile.prof"))
-        if stopped and rt.is_main:
-            print(f"stopped after epoch {stopped} as asked; continue with --resume")
         return final
 
 
@@ -381,6 +403,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (TrainError, LoaderError) as e:  # TrainError covers checkpoint and device errors
         print(f"train.py: error: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:  # a signal, answered at a step's end with a checkpoint
+        print(f"train.py: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:  # say what is kept: a checkpoint to resume, or nothing yet
         args = build_parser().parse_known_args(argv)[0]
         print(f"train.py: {interrupted(RunDir(Path(args.out)), args.test_only)}", file=sys.stderr)

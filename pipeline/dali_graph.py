@@ -145,9 +145,7 @@ def finish(decoded: dict, params, spec: GraphSpec) -> dict:
 def loader_graph(feed, spec: GraphSpec):
     """One batch of the order: decode the four JPEGs of each sample and, with ``float_out``,
     finish it on the pipeline's device."""
-    streams = fn.external_source(
-        source=feed, num_outputs=len(PARTS) + int(spec.params), batch=True
-    )
+    streams = fn.external_source(source=feed, num_outputs=len(PARTS) + int(spec.params), batch=True)
     colour = types.RGB if spec.channels == 3 else types.GRAY
     decoded = {}
     for part, encoded in zip(PARTS, streams):

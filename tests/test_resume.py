@@ -150,12 +150,15 @@ def test_resume_refuses_changed_maths_in_one_line_and_loses_nothing(runs, tmp_pa
     line = one_line_error(
         cli(capsys, "--out", str(run), "--resume", "--epochs", "3", *changed),
         "belongs to a different config",
-        "batch_size=4 (now 8)",
         "widths=[4, 8, 16] (now [4, 8])",
         "recipe='default' (now 'reference')",
         "lr=0.01 (now 0.5)",
     )
     assert "epochs" not in line  # a longer run is allowed
+    one_line_error(  # the batch per rank may change with the ranks, the global batch not
+        cli(capsys, "--out", str(run), "--resume", "--batch-size", "8"),
+        "ran with a global batch of 4 samples (batch size x ranks) but this run's is 8",
+    )
     one_line_error(
         cli(capsys, "--out", str(run), "--resume", "--epochs", "1"),
         "--epochs 1 is fewer than the 2 epochs",

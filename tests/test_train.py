@@ -168,22 +168,53 @@ def test_tensorboard_has_scalars_images_histograms_graph(full_run):
     assert tags["graph"]
 
 
-def test_resume_after_stop_matches_uninterrupted_run(full_run, tiny_shards, tmp_path):
+@pytest.mark.parametrize("at_step", [1, 2, 3], ids=["epoch1", "epoch1-end", "epoch2"])
+def test_signal_mid_epoch_then_resume_matches_uninterrupted_run(
+    at_step, full_run, tiny_shards, tmp_path, monkeypatch, capsys
+):
+    """A real SIGINT during a step: the step finishes, last.pt holds the exact position, the
+    run exits 130 with one line, and --resume ends where an uninterrupted run does."""
     out = tmp_path / "resumed"
-    common = ("--data", str(tiny_shards), "--epochs", "2", "--out", str(out), "--histograms")
-    ok(train_cli(*common, "--stop-after-epoch", "1", "--profile", "cprofile"))
-    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
-    assert not (out / "metrics.json").exists()  # stopped like a killed run: no final files
-    assert (out / "cprofile.prof").stat().st_size > 0
+    common = ["--data", str(tiny_shards), "--epochs", "2", "--out", str(out), *TINY_RUN]
+    real_step, calls = train.train_step, []
 
-    resumed = train_cli(*common, "--resume")
-    ok(resumed)
-    assert "resumed from" in resumed.stdout
+    def step_then_signal(*args):
+        calls.append(None)
+        result = real_step(*args)
+        if len(calls) == at_step:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C would, mid-epoch
+        return result
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    assert train.cli([*common, "--checkpoint-every", "5"]) == 130
+    monkeypatch.undo()
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    epoch, position = divmod(at_step * 4, 8)  # 2 steps of 4 samples per epoch
+    assert (saved["epoch"], saved["position"], saved["global_batch"]) == (epoch, position, 4)
+    where = (
+        f"epoch {epoch + 1} up to sample 4 of its order"
+        if position
+        else f"the last finished epoch ({epoch})"  # a signal in an epoch's last step
+    )
+    last = out / "checkpoints" / "last.pt"
+    stderr = capsys.readouterr().err
+    assert stderr.strip().splitlines()[-1] == (
+        f"train.py: interrupted; {last} holds {where}: continue with --resume"
+    )
+    assert not (out / "metrics.json").exists()  # stopped like a killed run: no final files
+
+    assert train.cli(["--out", str(out), "--resume"]) == 0
+    assert ("4 samples into the next" in capsys.readouterr().out) == bool(position)
     full = json.loads((full_run / "metrics.json").read_text())
     again = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in again["history"]] == [1, 2]
-    np.testing.assert_allclose(history_values(again), history_values(full), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(again["test"]["iou"], full["test"]["iou"], atol=1e-6)
+    for mine, theirs in zip(again["history"], full["history"]):
+        for key in ("loss", "iou", "dice", "depth_rmse"):
+            assert mine["test"][key] == pytest.approx(theirs["test"][key], rel=1e-5, abs=1e-6)
+    expected = torch.load(full_run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    got = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def test_max_batches_caps_every_test_pass(full_run, tiny_shards, tmp_path):

@@ -38,9 +38,13 @@ RUN_KEYS = (
 )
 # fmt: on
 # What --resume refuses to change: anything that would alter the maths the checkpoint already
-# did. The data may move (its steps per epoch are checked against the schedule instead), and
-# --epochs may grow or shrink: the schedule is then re-sized (see resize_schedule).
-FIXED_ON_RESUME = tuple(k for k in RUN_KEYS if k not in ("data", "train", "test", "epochs"))
+# did. The data may move (its steps per epoch are checked against the schedule instead),
+# --epochs may grow or shrink (the schedule is then re-sized, see resize_schedule), and the
+# batch per rank may change with the number of ranks as long as the global batch, which the
+# order is cut into, stays the same (see check_global_batch).
+FIXED_ON_RESUME = tuple(
+    k for k in RUN_KEYS if k not in ("data", "train", "test", "epochs", "batch_size")
+)
 # What --weights fixes: the model's shape (in_channels and the image sizes come from the data).
 MODEL_KEYS = ("widths", "diff_input", "skip", "context")
 # Fields newer than some checkpoints, with the value those checkpoints ran with (for the model:
@@ -228,6 +232,10 @@ class TrainState:
     config: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     best_iou: float = -math.inf
+    # Samples of epoch ``epochs_done``'s global order already trained on: 0 at an epoch's
+    # start, more in a checkpoint written mid-epoch (--checkpoint-every, or on a signal).
+    position: int = 0
+    global_batch: int = 0  # batch_size x world_size: the order is cut into these
 
     @property
     def epochs_done(self) -> int:
@@ -254,6 +262,8 @@ class TrainState:
             "loader_config": plain(asdict(self.loader_cfg)),
             "history": self.history,
             "best_iou": self.best_iou,
+            "position": self.position,
+            "global_batch": self.global_batch,
         }
 
     def restore(
@@ -283,8 +293,22 @@ class TrainState:
         resize_schedule(self.scheduler, fresh, path)
         self.history = list(state["history"])
         self.best_iou = float(state["best_iou"])
+        self.position = int(state.get("position", 0))  # none before mid-epoch checkpoints
+        check_global_batch(state, self.global_batch, path)
         if restore_rng:
             set_rng_state(state["rng"])
+
+
+def check_global_batch(state: dict[str, Any], global_batch: int, path: Path) -> None:
+    """Refuse to continue with another global batch: the order would be cut into other
+    steps than the checkpoint's schedule and position count. The ranks may change."""
+    saved = int(state.get("global_batch") or 0)  # 0: a checkpoint from before it was kept
+    if saved and saved != global_batch:
+        raise CheckpointError(
+            f"checkpoint {path} ran with a global batch of {saved} samples (batch size x "
+            f"ranks) but this run's is {global_batch}; pass --batch-size so that batch size x "
+            f"ranks = {saved}"
+        )
 
 
 def load_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:

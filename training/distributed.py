@@ -186,15 +186,6 @@ def all_reduce_sum(tensor: torch.Tensor, rt: Runtime) -> torch.Tensor:
     return tensor
 
 
-def max_over_ranks(value: int, rt: Runtime) -> int:
-    """The largest ``value`` of any rank (``value`` itself in a single process)."""
-    if not rt.distributed:
-        return value
-    tensor = torch.tensor([value], device=rt.device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return int(tensor.item())
-
-
 def teardown(rt: Runtime) -> None:
     """Leave the process group, if this process joined one."""
     if rt.distributed and dist.is_initialized():

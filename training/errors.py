@@ -10,6 +10,18 @@ class TrainError(Exception):
     """A user mistake or a stopped run; ``train.py`` prints it as one line on stderr."""
 
 
+class Stopped(Exception):
+    """A run stopped by a signal at a step's end, after saving where it was."""
+
+    def __init__(self, epoch: int, position: int, checkpoint: Path):
+        where = (
+            f"epoch {epoch + 1} up to sample {position} of its order"
+            if position
+            else f"the last finished epoch ({epoch})"
+        )
+        super().__init__(f"interrupted; {checkpoint} holds {where}: continue with --resume")
+
+
 def diverged(what: str, last_checkpoint: Path) -> TrainError:
     """The error that stops a run whose loss is no longer finite, before it saves again."""
     kept = (

@@ -131,6 +131,10 @@ class RunDir:
             save_checkpoint(checkpoint, self.best)
         write_timings(self.path / "timings.csv", state.history)
 
+    def save_position(self, state: TrainState) -> None:
+        """last.pt mid-epoch: ``state.position`` says how far into the epoch it is."""
+        save_checkpoint(state.state_dict(), self.last)
+
     def write_results(
         self, test: dict[str, Any], state: TrainState, shown: dict[str, Any] | None
     ) -> None:

@@ -7,8 +7,11 @@ so the benchmark measures exactly the step that training runs.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +20,7 @@ from torch import nn
 
 from model import UNet
 from pipeline import LoaderError
-from training.distributed import Runtime, agree, max_over_ranks
+from training.distributed import Runtime, agree
 from training.errors import TrainError
 
 # What MaskDepthLoss returns, in the order the logs and metrics.json show them.
@@ -181,21 +184,22 @@ class StepTimer:
 
 
 class StopCheck:
-    """Ends an epoch's steps on every rank together when one rank fails.
+    """Ends an epoch's steps on every rank together: when one rank fails, or when a signal
+    asked a rank to stop.
 
-    Before each step that every rank takes (the first ``common`` of the epoch) the ranks agree
-    (:func:`training.distributed.agree`) whether any has failed: a batch it could not read, or
-    a loss it found not finite at its last log step. Then all raise the same error before the
-    next gradient all-reduce, instead of the others waiting in it for a rank that has left.
-    A failure in the steps only some ranks take (uneven shards, shadowed by DDP's Join) ends
-    that rank's epoch, and :meth:`finish`, called by every rank after the join, stops all.
+    Every rank takes the same number of steps (``pipeline.order``), so before each step the
+    ranks agree (:func:`training.distributed.agree`) whether any has failed (a batch it could
+    not read, a loss it found not finite at its last log step) or was asked to stop. A failure
+    makes all raise the same error before the next gradient all-reduce, instead of the others
+    waiting in it for a rank that has left; a stop ends the epoch on all at the same step
+    (``stopped``), so that the checkpoint saved then holds the same position for every rank.
     In a single process a failure is raised at once.
     """
 
     def __init__(self, rt: Runtime, steps: int) -> None:
-        self.rt = rt
-        self.common = -max_over_ranks(-steps, rt)  # the fewest steps of any rank
+        self.rt, self.steps = rt, steps
         self.error: BaseException | None = None
+        self.stopped = False
 
     def fail(self, error: BaseException) -> None:
         """Keep ``error`` for the next agreement (a single process raises it now)."""
@@ -204,20 +208,43 @@ class StopCheck:
         self.error = self.error or error
 
     def next_batch(
-        self, timer: StepTimer, batches: Iterator[dict[str, Any]], step: int
+        self, timer: StepTimer, batches: Iterator[dict[str, Any]], step: int, stop: bool = False
     ) -> dict[str, Any] | None:
-        """Step ``step``'s batch, or None when this rank's epoch ends; raises on every rank
-        when any rank has failed."""
+        """Step ``step``'s batch, or None when the ranks agreed to stop (``stop``: this rank
+        was asked to); raises on every rank when any rank has failed."""
         batch = None
-        if self.error is None:
+        if self.error is None and not stop:
             try:
                 batch = timer.next_batch(batches)
             except Exception as e:  # a loader error on this rank only: tell the others first
                 self.fail(e)
-        if step < self.common and agree(self.error, self.rt, batch is None, USER_ERRORS):
-            self.common = step  # a rank ran out of batches early: it is in the join now
-        return None if self.error is not None else batch
+        if agree(self.error, self.rt, stop, USER_ERRORS):
+            self.stopped = True
+            return None
+        return batch
 
     def finish(self) -> None:
-        """Every rank, after the epoch's join: stop all if any failed in its last steps."""
+        """Every rank, at the epoch's end: stop all if any failed in its last step."""
         agree(self.error, self.rt, user_errors=USER_ERRORS)
+
+
+@contextmanager
+def stop_requests() -> Iterator[Callable[[], bool]]:
+    """While inside, SIGINT and SIGTERM ask the loop to stop at its next step (the callable
+    says whether one came) instead of killing it mid-step; a second SIGINT stops at once."""
+    requested: list[int] = []
+
+    def handler(signum, frame):
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False  # signals reach the main thread only
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
