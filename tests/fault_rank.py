@@ -9,7 +9,9 @@ FAULT is what goes wrong on rank RANK only, by monkeypatching the real code ther
 - ``eval-loader``: the second test batch cannot be read, in the evaluation after epoch 1;
 - ``eval-step``: the evaluation's forward pass fails with "CUDA out of memory" (a bug to
   ``agree``: that rank raises it with its traceback, the others stop with its one line);
-- ``save``: writing a checkpoint fails with "No space left on device".
+- ``save``: writing a checkpoint fails with "No space left on device";
+- ``sigint``: a real SIGINT to this rank's own process after its second training step, as
+  Ctrl-C would send (RANK ``all``: to every rank).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -47,8 +50,8 @@ def poison_loss_from_second_step() -> None:
 def corrupt_second_batch(split: str) -> None:
     real_epoch = Loader.epoch
 
-    def epoch(self, index):
-        for i, batch in enumerate(real_epoch(self, index)):
+    def epoch(self, index, start=0):
+        for i, batch in enumerate(real_epoch(self, index, start)):
             if self.split == split and i == 1:
                 raise LoaderError(f"{split}-000001.tar: unexpected end of data; rebuild the shards")
             yield batch
@@ -70,16 +73,30 @@ def full_disk() -> None:
     torch.save = save
 
 
+def interrupt_after_second_step() -> None:
+    real_step, calls = train.train_step, []
+
+    def step(*args):
+        result = real_step(*args)
+        calls.append(None)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    train.train_step = step
+
+
 FAULTS = {
     "nan": poison_loss_from_second_step,
     "loader": lambda: corrupt_second_batch("train"),
     "eval-loader": lambda: corrupt_second_batch("test"),
     "eval-step": out_of_memory_in_evaluation,
     "save": full_disk,
+    "sigint": interrupt_after_second_step,
 }
 
 if __name__ == "__main__":
     fault, rank, *options = sys.argv[1:]
-    if os.environ.get("RANK") == rank:
+    if rank in (os.environ.get("RANK"), "all"):
         FAULTS[fault]()
     sys.exit(train.cli(options))

@@ -395,6 +395,34 @@ def test_torchrun_two_processes_matches_single_process(tiny_shards, tmp_path):
         assert ddp["test"][key] == pytest.approx(single["test"][key], rel=1e-5, abs=1e-6), key
 
 
+def test_a_run_stopped_on_two_ranks_resumes_on_one_and_back(tiny_shards, tmp_path):
+    """Mid-epoch checkpoints hold a position in the global order, so a run continues on
+    another number of ranks with the same global batch (8: 2 ranks x 4, or 1 x 8)."""
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    args = ("--data", str(tiny_shards), "--epochs", "2", "--max-batches", "4", "--seed", "0")
+    args += ("--widths", "4,8,16")
+    # 2 ranks, stopped by SIGINT on both after step 2 of epoch 1; then 1 rank goes on
+    out = tmp_path / "two-then-one"
+    fault = ("tests/fault_rank.py", "sigint", "all", *args, "--batch-size", "4")
+    stopped = run_cli(*torchrun, *fault, "--out", str(out), timeout=300)
+    assert stopped.returncode != 0, stopped.stderr
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["position"], saved["global_batch"]) == (0, 16, 8)
+    ok(run_cli("train.py", "--out", str(out), "--resume", "--batch-size", "8", timeout=300))
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [r["train"]["samples"] for r in history] == [16, 32]  # the rest, then a whole epoch
+    # 1 rank stopped after step 2 (16 samples of 8 each); 2 ranks go on
+    out = tmp_path / "one-then-two"
+    fault = ("tests/fault_rank.py", "sigint", "all", *args, "--batch-size", "8")
+    assert run_cli(*fault, "--out", str(out), timeout=300).returncode == 130
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert (saved["epoch"], saved["position"], saved["global_batch"]) == (0, 16, 8)
+    resumed = run_cli(*torchrun, "train.py", "--out", str(out), "--resume", "--batch-size", "4")
+    ok(resumed)
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    assert [r["train"]["samples"] for r in history] == [16, 32]
+
+
 def test_brace_urls_evaluate_like_the_data_dir(full_run, tiny_shards, tmp_path):
     """--train/--test URLs read the same samples as --data: the same final metrics."""
     urls = {}
