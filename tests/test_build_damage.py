@@ -544,12 +544,12 @@ def test_a_key_too_long_for_tar_is_one_line_and_loses_nothing(tmp_path, tiny_zip
 
 def test_a_tar_value_error_while_writing_is_one_line(tmp_path, monkeypatch):
     # tario refuses what it cannot write (ValueError); the build turns that into its error.
-    import sharding.build as build_module
+    from sharding.tario import ShardWriter
 
     def refuse(self, key, members):
         raise ValueError(f"member name {key!r} is longer than the 100 bytes USTAR allows")
 
-    monkeypatch.setattr(build_module.ShardWriter, "add_sample", refuse)
+    monkeypatch.setattr(ShardWriter, "add_sample", refuse)
     zips = small_set(tmp_path)
     out = tmp_path / "o"
     code, stderr = run_main(*zips, "--out", str(out), "--workers", "1")
