@@ -13,8 +13,9 @@
   metrics.json, results.png, timings.csv), the per-epoch clock and the one training
   samples/s.
 - ``logger``: step and epoch log lines, TensorBoard scalars, loss sums across ranks.
-- ``monitor``: :func:`gpu_monitor` (per-layer CUDA memory, NVML sampling, torch profiler) and
-  cProfile output.
+- ``monitor``: :func:`gpu_monitor`, which runs the three below around the training steps;
+  ``gpu_memory``: per-layer CUDA memory hooks (memory_layers.csv); ``nvml``: the NVML sampler
+  (gpu_report.json); ``profiling``: torch.profiler traces and cProfile output.
 - ``figures``: prediction grids for TensorBoard, results.png and predict.py.
 - ``errors``: :class:`TrainError`, which ``train.py`` prints as one line; ``options``: argparse
   types.
