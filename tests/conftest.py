@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny zips in the real layout, and shards built from them."""
+"""Shared fixtures: tiny zips in the real layout, and shards built from them; the helpers the
+CLI tests share (``run_cli``, ``one_line_error``, ``snapshot``)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,48 @@ def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedP
         env=env,
         **kwargs,
     )
+
+
+def one_line_error(
+    result: subprocess.CompletedProcess,
+    *fragments: str,
+    code: int | None = 1,
+    prefix: str = "error: ",
+    alone: bool = True,
+) -> str:
+    """A CLI's refusal as users see it: exit ``code``, no traceback, and one error line that
+    starts with ``prefix`` and holds every fragment; returns that line.
+
+    Args:
+        code: the exit status; None accepts any non-zero one.
+        prefix: how the error line starts (``"train.py: error"`` for train.py).
+        alone: stderr holds that line and nothing else; False lets other lines (warnings, a
+            progress bar) come with it, as long as only one starts with ``prefix``.
+    """
+    if code is None:
+        assert result.returncode != 0, result.stderr
+    else:
+        assert result.returncode == code, f"exit {result.returncode}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    if alone:  # one line, no traceback (no progress bar off a TTY)
+        assert len(lines) == 1, result.stderr
+    errors = [line for line in lines if line.startswith(prefix)]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def snapshot(root: Path, dirs: bool = True) -> dict[str, bytes | None]:
+    """Every path under ``root`` with its bytes, None for a directory: what a refused command
+    must leave as it was. ``dirs=False`` leaves directories out (an empty one made or removed
+    then goes unseen)."""
+    return {
+        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+        for p in sorted(Path(root).rglob("*"))
+        if dirs or p.is_file()
+    }
 
 
 def omp_policy_when_torch_loads(module: str, given: str | None = None) -> str:

@@ -17,7 +17,7 @@ import torch
 from benchmarks import dali_startup, loaders, model_step, train_throughput
 from pipeline import preview
 from pipeline.loader import dali_available
-from tests.conftest import omp_policy_when_torch_loads
+from tests.conftest import omp_policy_when_torch_loads, snapshot
 from training.distributed import Runtime
 
 CLIS = (
@@ -33,14 +33,6 @@ TORCH_BENCHMARKS = [name for name in CLIS if name.startswith("benchmarks.")]
 
 class _Parsed(Exception):
     """Raised instead of parsing, once the parser is built."""
-
-
-def snapshot(root) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for a directory)."""
-    return {
-        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 @pytest.mark.parametrize("module", CLIS)

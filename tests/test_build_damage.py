@@ -37,7 +37,7 @@ from pipeline import LoaderConfig, build_loader
 from pipeline.loader import dali_available
 from sharding.build import main
 from sharding.synth import SynthConfig, generate
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, one_line_error, run_cli
 
 settings.register_profile(
     "damage", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -397,15 +397,6 @@ def declaring(width: int, height: int, data: bytes) -> bytes:
 
 def run_build(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return run_cli("-m", "sharding.build", *args, timeout=timeout)
-
-
-def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def test_a_huge_declared_size_is_skipped_before_any_decode(tmp_path):

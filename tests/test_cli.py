@@ -8,11 +8,9 @@ must exit 1 and leave the file system as it found it. ``model.summary`` and
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, snapshot
 
 # Each command line, with {data} for the data directory and {out} for an output path that must
 # not appear. predict.py reads its checkpoint first, so the checkpoint is in the data directory.
@@ -30,14 +28,6 @@ COMMANDS = {
     "predict.py": "predict.py --checkpoint {data}/best.pt --bg-dir {data} --fg-bg-dir {data}"
     " --out {out}",
 }
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for a directory)."""
-    return {
-        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 @pytest.mark.parametrize("state", ["missing", "empty"])

@@ -14,7 +14,7 @@ import predict
 import train
 from model import UNet, UNetConfig
 from pipeline import build_loader
-from tests.conftest import omp_policy_when_torch_loads, run_cli
+from tests.conftest import omp_policy_when_torch_loads, run_cli, snapshot
 from training.checkpoint import TrainState, save_checkpoint
 
 
@@ -196,14 +196,6 @@ def test_missing_or_foreign_checkpoint_is_refused(tmp_path, capsys):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     assert predict.main(["--checkpoint", str(tmp_path / "foreign.pt"), *pair, *out]) == 1
     assert "not a maskdepth checkpoint" in capsys.readouterr().err
-
-
-def snapshot(root) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for a directory)."""
-    return {
-        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-        for p in sorted(root.rglob("*"))
-    }
 
 
 def assert_refused(tmp_path, capsys, argv, match: str) -> None:

@@ -22,7 +22,15 @@ from sharding.build import BuildError, ShardConfig, build
 from sharding.jpeg import JpegError, decode_check, parse_header
 from sharding.synth import SynthConfig, generate
 from sharding.verify import VerifyError, verify
-from tests.conftest import EVA_ASSETS, ROOT, TINY, make_shards, run_cli
+from tests.conftest import (
+    EVA_ASSETS,
+    ROOT,
+    TINY,
+    make_shards,
+    one_line_error,
+    run_cli,
+    snapshot,
+)
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -63,23 +71,6 @@ def all_shard_members(shards: Path, split: str) -> dict[str, bytes]:
 
 def run_build(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return run_cli("-m", "sharding.build", *args, timeout=timeout)
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under ``root`` with its bytes (None for a directory)."""
-    return {
-        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-        for p in sorted(root.rglob("*"))
-    }
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr  # one line, no traceback (no progress bar off a TTY)
-    assert lines[0].startswith("error: ")
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 # --- synth ----------------------------------------------------------------------------------
@@ -176,7 +167,7 @@ def test_synth_cli_reports_rate_and_rejects_bad_settings(tmp_path):
     bad = run_cli(
         "-m", "sharding.synth", "--out", str(tmp_path), "--batches", "3", "--foregrounds", "2"
     )
-    assert_one_line_error(bad, "--foregrounds (2) must be >= --batches (3)")
+    one_line_error(bad, "--foregrounds (2) must be >= --batches (3)", code=2)  # a usage error
 
 
 # --- build: round trip ----------------------------------------------------------------------
@@ -259,13 +250,11 @@ def test_verify_accepts_a_good_build_and_catches_tampering(tiny_zips, tmp_path):
     with pytest.raises(VerifyError, match=r"test-000001\.tar: sha256"):
         verify(shards, progress=False)
     result = run_cli("-m", "sharding.verify", str(shards))
-    assert_one_line_error(result, "test-000001.tar", "sha256")
+    one_line_error(result, "test-000001.tar", "sha256")
     data[2000] ^= 0xFF
     tar.write_bytes(bytes(data))
     (shards / "train-000002.idx").unlink()
-    assert_one_line_error(
-        run_cli("-m", "sharding.verify", str(shards)), "train-000002.idx", "missing"
-    )
+    one_line_error(run_cli("-m", "sharding.verify", str(shards)), "train-000002.idx", "missing")
 
 
 # --- readers of the shards: real DALI and the webdataset library ----------------------------
@@ -398,7 +387,7 @@ def test_broken_samples_are_skipped_and_counted(tmp_path):
 def test_strict_makes_any_skip_fatal(tmp_path):
     zips = broken_zip(tmp_path)
     result = run_build(*zips, "--out", str(tmp_path / "o"), "--strict")
-    assert_one_line_error(result, "--strict", "batch1_images.zip")
+    one_line_error(result, "--strict", "batch1_images.zip")
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
@@ -441,7 +430,7 @@ def test_bad_zip_gives_one_line_error_and_no_output(tmp_path, tiny_zips, make, f
     make(bad)
     out = tmp_path / "out"
     result = run_build(str(tiny_zips / "batch1_images.zip"), str(bad), "--out", str(out))
-    assert_one_line_error(result, str(bad), fragment)
+    one_line_error(result, str(bad), fragment)
     assert not out.exists()  # input is checked before anything is written
 
 
@@ -459,12 +448,12 @@ def test_non_empty_out_is_refused_unless_overwrite(tiny_zips, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     result = run_build(*zips, "--out", str(out))
-    assert_one_line_error(result, "not empty", "--overwrite")
+    one_line_error(result, "not empty", "--overwrite")
     assert (out / "notes.txt").read_text() == "mine"  # nothing of the user's is lost
     out2 = tmp_path / "out2"
     assert run_build(*zips, "--out", str(out2), "--samples-per-shard", "8").returncode == 0
     again = run_build(*zips, "--out", str(out2))
-    assert_one_line_error(again, "not empty")
+    one_line_error(again, "not empty")
     redo = run_build(*zips, "--out", str(out2), "--overwrite", "--samples-per-shard", "16")
     assert redo.returncode == 0, redo.stderr
     assert len(list(out2.glob("train-*.tar"))) == 2  # the old 4-shard build is fully replaced
@@ -565,7 +554,7 @@ def test_full_disk_gives_one_line_error_and_no_manifest(tiny_zips, tmp_path):
         preexec_fn=small_file_limit,
         timeout=120,
     )
-    assert_one_line_error(result, "write failed")
+    one_line_error(result, "write failed")
     assert not (out / "manifest.json").exists()
     assert not list(out.glob(".tmp-*"))
     assert run_build(*zips, "--out", str(out)).returncode == 0  # and a re-run just works
@@ -596,7 +585,7 @@ def test_a_directory_stands_for_its_batch_zips(tiny_zips, tmp_path):
     (empty / "batch1.zip").write_bytes(b"not named batch*_images.zip")
     before = snapshot(tmp_path)
     result = run_build(str(empty), "--out", str(tmp_path / "out"))
-    assert_one_line_error(result, str(empty), "batch*_images.zip")
+    one_line_error(result, str(empty), "batch*_images.zip")
     assert result.returncode == 1
     assert snapshot(tmp_path) == before
 
