@@ -57,6 +57,8 @@ class TrainConfig:
     max_batches: int | None = None
     augment: bool = True
     augment_in: str = "auto"
+    cache_dir: str | None = None  # s3:// shards' node-local cache; None: pipeline.cache's default
+    cache_limit: int | None = None
     # Model
     widths: tuple[int, ...] = RECIPES["default"]["widths"]
     diff_input: bool = RECIPES["default"]["diff_input"]
@@ -134,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=AUGMENT_IN,
         default=d.augment_in,
         help="where augmentation runs; auto: the DALI graph on a GPU, fused torch ops on a CPU",
+    )
+    g.add_argument(
+        "--cache-dir",
+        help="node-local cache of s3:// shards (default: $MASKDEPTH_CACHE or ~/.cache/maskdepth)",
+    )
+    g.add_argument(
+        "--cache-limit", type=positive_int, metavar="BYTES", help="refuse data larger than this"
     )
     g = add_model_args(p)  # the recipe's model fields; then how the model runs here
     on_off = argparse.BooleanOptionalAction
@@ -214,6 +223,8 @@ def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, LoaderConfig
         seed=cfg.seed,
         augment=cfg.augment,
         augment_in=cfg.augment_in,
+        cache_dir=cfg.cache_dir,
+        cache_limit=cfg.cache_limit,
     )
     try:
         train_loader = build_loader(cfg.data or cfg.train, "train", loader_cfg)

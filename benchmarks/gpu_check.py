@@ -6,10 +6,13 @@
 It uses the active Python as it is: no venv, no install, no network. Without torch, CUDA or
 DALI it stops at once with one line naming what is missing (exit 1). With them it:
 
-1. generates a dataset of about 20,000 grey samples (``sharding.synth`` -> ``sharding.build``);
+1. generates a dataset of about 20,000 grey samples and one of about 5,000 RGB samples
+   (``sharding.synth`` -> ``sharding.build``);
 2. runs the ``gpu``-marked tests (``pytest -m gpu``);
 3. times the loaders (``benchmarks.loaders``): dali-gpu with augmentation in DALI and in
-   torch, and the GPU decode ceiling (DALI mixed decode alone);
+   torch, and the GPU decode ceiling (DALI mixed decode alone), grey and RGB, at batch 512;
+   grey again with ``hw_decoder_load`` 0 and 1 (the default, 0.65, is the first run);
+   and the CPU stage of the GPU graph (``benchmarks.cpu_stage``);
 4. times the model step (``benchmarks.model_step --device cuda``: fp32 and bf16,
    channels_last and contiguous, eager and compiled);
 5. times end-to-end training steps per loader (``benchmarks.train_throughput`` on cuda);
@@ -17,7 +20,8 @@ DALI it stops at once with one line naming what is missing (exit 1). With them i
    ``memory_layers.csv``.
 
 Everything lands in ``--out``: one log and one JSON per step, and ``summary.json`` with each
-step's exit code, wall time and headline figures. Exit 0 only when every step passed.
+step's exit code, wall time and headline figures, and the GPU train graph's operators by
+device (``cpu_operators``). Exit 0 only when every step passed.
 """
 
 from __future__ import annotations
@@ -83,37 +87,38 @@ def require_gpu_stack() -> dict[str, str]:
     }
 
 
-def steps(out: Path, data: Path, py: str, quick: bool) -> list[tuple[str, list[str], int]]:
+def loaders_step(py: str, data: Path, json_path: Path, batches: str, *extra: str) -> list[str]:
+    """benchmarks.loaders: dali-gpu (augmented in DALI and in torch) against the GPU decode
+    ceiling, at batch 512."""
+    return [
+        py, "-m", "benchmarks.loaders", "--data", str(data), "--json", str(json_path),
+        "--loaders", "dali-gpu", "decode-ceiling", "--augment-in", "dali", "--both-augment-in",
+        "--batch-size", "512", "--batches", batches, "--rounds", "3", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def steps(
+    out: Path, data: Path, py: str, quick: bool, rgb: Path | None = None
+) -> list[tuple[str, list[str], int]]:
     """(name, argv, timeout_s) for every check after the data is built."""
     batches = "5" if quick else "20"
+    rgb = rgb or data
+    cpu_stage = [py, "-m", "benchmarks.cpu_stage", "--data", str(data), "--rounds", "3"]
     return [
         ("pytest-gpu", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], 120),
-        (
-            "loaders",
-            [
-                py,
-                "-m",
-                "benchmarks.loaders",
-                "--data",
-                str(data),
-                "--json",
-                str(out / "loaders.json"),
-                "--loaders",
-                "dali-gpu",
-                "decode-ceiling",
-                "--augment-in",
-                "dali",
-                "--both-augment-in",
-                "--batch-size",
-                "256",
-                "--batches",
-                batches,
-                "--rounds",
-                "5",
-                "--no-progress",
-            ],
-            150,
+        ("loaders", loaders_step(py, data, out / "loaders.json", batches), 150),
+        ("loaders-rgb", loaders_step(py, rgb, out / "loaders_rgb.json", batches), 150),
+        *(
+            (
+                f"loaders-hw-{load}",
+                loaders_step(
+                    py, data, out / f"loaders_hw_{load}.json", batches, "--hw-decoder-load", load
+                ),
+                120,
+            )
+            for load in ("0", "1")
         ),
+        ("cpu-stage", [*cpu_stage, "--json", str(out / "cpu_stage.json")], 120),
         (
             "model-step",
             [
@@ -198,7 +203,8 @@ def run_step(name: str, argv: list[str], timeout: int, out: Path) -> dict[str, A
 def headline(out: Path) -> dict[str, Any]:
     """The figures RESULTS.md quotes, read from the steps' JSON files where they exist."""
     figures: dict[str, Any] = {}
-    for name in ("loaders", "model_step", "train_throughput"):
+    names = ("loaders", "loaders_rgb", "loaders_hw_0", "loaders_hw_1", "cpu_stage")
+    for name in (*names, "model_step", "train_throughput"):
         path = out / f"{name}.json"
         if path.is_file():
             figures[name] = json.loads(path.read_text())
@@ -233,9 +239,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def earlier_outputs(out: Path) -> list[Path]:
     """What an earlier gpu-check left in ``out``; ``--overwrite`` removes these and no more."""
-    names = {"synth", "build", *(name for name, _, _ in steps(out, out, "", False))}
+    names = {"synth", "build", "synth-rgb", "build-rgb"}
+    names |= {name for name, _, _ in steps(out, out, "", False, None)}
     own = {f"{name}.log" for name in names}
     own |= {"summary.json", "loaders.json", "model_step.json", "train_throughput.json"}
+    own |= {"loaders_rgb.json", "loaders_hw_0.json", "loaders_hw_1.json", "cpu_stage.json"}
     own |= {"run", "work"}
     return sorted(p for p in out.iterdir() if p.name in own) if out.is_dir() else []
 
@@ -243,6 +251,17 @@ def earlier_outputs(out: Path) -> list[Path]:
 def remove(paths: list[Path]) -> None:
     for path in paths:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def cpu_operators() -> dict[str, Any]:
+    """The GPU train graph's operators by device, grey and RGB, counted from DALI's graph."""
+    from benchmarks.cpu_stage import graph_counts
+
+    sizes = {"bg": (160, 160), "fg_bg": (160, 160), "mask": (160, 160), "depth": (80, 80)}
+    try:
+        return {name: graph_counts(c, sizes) for name, c in (("grey", 1), ("rgb", 3))}
+    except Exception as e:  # a summary is written whatever happened; the count says why not
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     work = (args.work or out / "work").resolve()
     # The dataset is regenerated on every run; only the folders made for it are replaced.
-    remove([path for path in (work / "zips", work / "shards") if path.exists()])
+    made = ("zips", "shards", "zips-rgb", "shards-rgb")
+    remove([work / name for name in made if (work / name).exists()])
     py = sys.executable
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # 16 batches (15 train, 1 test), 2 foregrounds each, 2 flips: 64 samples per background
@@ -295,8 +315,17 @@ def main(argv: list[str] | None = None) -> int:
     build = [py, "-m", "sharding.build", *zips, "--out", str(work / "shards"), "--overwrite"]
     if results["synth"]["rc"] == 0:
         results["build"] = run_step("build", build, 240, out)
+    # A quarter as many RGB samples: the colour jitter's parameters are the RGB path's cost.
+    rgb_synth = [*synth, "--rgb", "--placements", str(max(1, placements // 4))]
+    rgb_synth[rgb_synth.index("--out") + 1] = str(work / "zips-rgb")
+    results["synth-rgb"] = run_step("synth-rgb", rgb_synth, 240, out)
+    rgb_zips = sorted(str(p) for p in (work / "zips-rgb").glob("batch*_images.zip"))
+    rgb_shards = work / "shards-rgb"
+    if results["synth-rgb"]["rc"] == 0:
+        rgb_build = [py, "-m", "sharding.build", *rgb_zips, "--out", str(rgb_shards)]
+        results["build-rgb"] = run_step("build-rgb", [*rgb_build, "--overwrite"], 240, out)
     if all(r["rc"] == 0 for r in results.values()):
-        for name, argv_, timeout in steps(out, work / "shards", py, args.quick):
+        for name, argv_, timeout in steps(out, work / "shards", py, args.quick, rgb_shards):
             results[name] = run_step(name, argv_, timeout, out)
     from benchmarks.loaders import load_average  # imports torch: loaded by now, not at start
 
@@ -306,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": load_average(),
         "total_s": round(time.perf_counter() - started, 1),
         "steps": results,
+        "cpu_operators": cpu_operators(),
         "figures": headline(out),
     }
     write_json(out / "summary.json", summary)

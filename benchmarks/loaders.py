@@ -12,6 +12,10 @@ decode-ceiling the four JPEG decodes per sample and nothing else, on all cores, 
                faster of DALI's CPU decoder and PIL in one process per core
 decode-ceiling-gpu  DALI's mixed (nvJPEG) decode alone: the dali-gpu ceiling (CUDA only)
 
+With ``--data s3://...`` it also times the node-local cache (``pipeline.cache``): one epoch of
+the default loader from a cold cache (fetching included), again from the warm cache, and from
+the cached files as a local directory, with the requests and bytes each fetched.
+
 Loaders are timed in interleaved rounds (round-robin, each loader started afresh per round,
 warmed up, then ``--batches`` timed batches), so that a change in the machine's load shows up
 in every loader's rounds rather than in one loader's figure; each loader reports every round
@@ -55,7 +59,7 @@ from pipeline.config import AUGMENT_IN
 from pipeline.loader import dali_available, resolve_augment_in
 from pipeline.source import DataSource, open_tar, resolve_source
 from sharding.shard_format import META_EXT, PARTS, image_ext, part_of, split_member
-from sharding.storage import StorageError
+from sharding.storage import StorageError, is_url
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +353,13 @@ def plan(args: argparse.Namespace, data: DataSource, cfg: LoaderConfig, workdir:
             runs[name] = (lambda: pipeline_batches(args.data, cfg), {})
         elif name in ("dali-cpu", "dali-gpu"):
             device = "cuda" if name == "dali-gpu" else "cpu"
-            dali_cfg = replace(cfg, backend="dali", device=device, augment_in=args.augment_in)
+            dali_cfg = replace(
+                cfg,
+                backend="dali",
+                device=device,
+                augment_in=args.augment_in,
+                hw_decoder_load=args.hw_decoder_load,
+            )
             chosen = resolve_augment_in(dali_cfg, "dali")
             variants = [(name, chosen)]
             if both or (both is None and name == "dali-gpu"):
@@ -382,10 +392,41 @@ def plan(args: argparse.Namespace, data: DataSource, cfg: LoaderConfig, workdir:
     return runs
 
 
+def remote_epochs(args: argparse.Namespace, cfg: LoaderConfig) -> dict:
+    """One epoch of the default loader from s3:// through a cold and a warm cache, and from
+    the cached files as a local directory: samples/s, and what each fetched."""
+    from pipeline import cache
+
+    backend = "dali" if dali_available() else "torch"
+    cfg = replace(cfg, backend=backend)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="cache-bench-") as folder:
+        local = str(cache.cache_folder(folder, args.data))
+        for label, source in (("cold", args.data), ("warm", args.data), ("local", local)):
+            before = replace(cache.FETCHED)
+            start = time.perf_counter()
+            loader = build_loader(source, "train", replace(cfg, cache_dir=folder))
+            samples = sum(len(b["key"]) for b in loader.epoch(0))
+            seconds = time.perf_counter() - start
+            results[label] = {
+                "samples_per_s": samples / seconds,
+                "seconds": seconds,
+                "samples": samples,
+                "requests": cache.FETCHED.objects - before.objects,
+                "bytes_fetched": cache.FETCHED.bytes - before.bytes,
+                "backend": backend,
+            }
+            del loader
+    local_rate = results["local"]["samples_per_s"]
+    for label in ("cold", "warm"):
+        results[label]["share_of_local"] = results[label]["samples_per_s"] / local_rate
+    return results
+
+
 def run(args: argparse.Namespace) -> dict:
     load_at_start = load_average()
     workers = args.workers or cores()
-    data = resolve_source(args.data, "train")
+    data = resolve_source(args.data, "train", args.cache_dir)
     cfg = LoaderConfig(
         backend="torch",
         batch_size=args.batch_size,
@@ -393,6 +434,7 @@ def run(args: argparse.Namespace) -> dict:
         seed=args.seed,
         rank=0,
         world_size=1,
+        cache_dir=args.cache_dir,
     )
     with tempfile.TemporaryDirectory(prefix="seed-baseline-") as workdir:
         runs = plan(args, data, cfg, Path(workdir))
@@ -432,9 +474,11 @@ def run(args: argparse.Namespace) -> dict:
             "workers": workers,
             "augment": True,
             "augment_in": args.augment_in,
+            "hw_decoder_load": args.hw_decoder_load,
         },
         "loaders": results,
         "ratios": ratios(results),
+        **({"remote": remote_epochs(args, cfg)} if is_url(args.data) else {}),
     }
 
 
@@ -491,6 +535,12 @@ def print_table(report: dict) -> None:
         print(f"{name:32s} {rate:10.0f} {spread:>16s} {x_seed:>8s} {pct:>10s} {cpu_text:>14s}")
     for name, value in report["ratios"].items():
         print(f"ratio {name}: {value:.2f}")
+    for label, r in report.get("remote", {}).items():
+        share = f", {100 * r['share_of_local']:.0f}% of local" if "share_of_local" in r else ""
+        print(
+            f"s3 {label:<5} cache: {r['samples_per_s']:.0f} samples/s{share}; "
+            f"{r['requests']} objects, {r['bytes_fetched']:,} bytes fetched"
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -525,6 +575,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: dali-gpu only, on CUDA)",
     )
     parser.add_argument("--workers", type=int, default=0, help="0: one per core")
+    parser.add_argument(
+        "--hw-decoder-load",
+        type=float,
+        default=LoaderConfig.hw_decoder_load,
+        help="share of each batch for the GPU's hardware JPEG decoder (dali-gpu)",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        help="where s3:// shards are cached (default: $MASKDEPTH_CACHE or ~/.cache/maskdepth)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed")
     parser.add_argument(
         "--loaders", nargs="+", default=list(LOADERS), choices=LOADERS, help="loaders to time"

@@ -35,6 +35,7 @@ from pathlib import Path
 from pipeline.config import LoaderError
 from sharding import storage
 from sharding.atomic import write_json
+from sharding.shard_format import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,14 @@ class Remote:
 
 @dataclass
 class FetchStats:
-    """What a ``localize`` call sent over the network, for the benchmark and the tests."""
+    """What was fetched over the network, for the benchmark and the tests."""
 
     objects: int = 0
     bytes: int = 0
     refetched: int = 0
+
+
+FETCHED = FetchStats()  # everything this process has fetched into any cache
 
 
 def localize(
@@ -135,6 +139,7 @@ def _verified(obj: Remote, path: Path, stats: FetchStats) -> bool:
         return True
     print(f"cache: {path} changed since it was verified; fetching it again", file=sys.stderr)
     stats.refetched += 1
+    FETCHED.refetched += 1
     return False
 
 
@@ -167,9 +172,10 @@ def _fetch_all(objects: list[Remote], local: dict, stats: FetchStats, progress: 
         file=sys.stderr,
     )
     with bar, ThreadPoolExecutor(FETCH_THREADS) as pool:
-        for obj in pool.map(lambda o: _fetch(o, Path(local[o.url]), bar.update), objects):
-            stats.objects += 1
-            stats.bytes += obj
+        for size in pool.map(lambda o: _fetch(o, Path(local[o.url]), bar.update), objects):
+            for counter in (stats, FETCHED):
+                counter.objects += 1
+                counter.bytes += size
 
 
 def _fetch(obj: Remote, path: Path, progress) -> int:
@@ -198,14 +204,20 @@ def _fetch(obj: Remote, path: Path, progress) -> int:
     return size
 
 
-def local_shards(shards, origin: str, cache_dir=None, cache_limit=None, progress=True):
-    """The same shards (``pipeline.source.Shard``) with local paths, fetched into the cache."""
+def local_shards(
+    shards, origin: str, cache_dir=None, cache_limit=None, progress=True, manifest=None
+):
+    """The same shards (``pipeline.source.Shard``) with local paths, fetched into the cache;
+    ``manifest`` (the dict read from ``origin``) is kept beside them, so that the cache folder
+    is a dataset directory of its own."""
     objects = []
     for s in shards:
         objects.append(Remote(s.path, s.bytes, s.sha256))
         if s.index:
             objects.append(Remote(s.index))
     local, stats = localize(objects, origin, cache_dir, cache_limit, progress)
+    if manifest is not None:
+        write_json(cache_folder(cache_dir, origin) / MANIFEST, manifest)
     out = [
         replace(s, path=local[s.path], index=local[s.index] if s.index else None) for s in shards
     ]

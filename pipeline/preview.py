@@ -78,6 +78,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="finish batches in the DALI graph or in torch; auto: the graph on CUDA only",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument(
+        "--cache-dir",
+        help="where s3:// shards are cached (default: $MASKDEPTH_CACHE or ~/.cache/maskdepth)",
+    )
     return parser.parse_args(argv)
 
 
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             augment_in=args.augment_in,
             rank=0,
             world_size=1,
+            cache_dir=args.cache_dir,
         )
         loader = build_loader(args.data, args.split, cfg)
         print(json.dumps(asdict(used_config(cfg, loader)), sort_keys=True))

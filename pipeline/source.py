@@ -79,10 +79,12 @@ def resolve_source(
     shards, into checked local shards; remote ones are fetched into the cache first."""
     text = os.fspath(source)
     try:
+        manifest = None
         if is_shard_pattern(text):
             shards, sizes = _listed_by_url(text), None
         elif storage.is_url(text) or os.path.isdir(text):
-            shards, sizes, channels = _listed_by_manifest(text, split)
+            manifest = _read_manifest(text)
+            shards, sizes, channels = _listed_by_manifest(manifest, text, split)
         else:
             wrong = not_a_dataset(text)
             raise LoaderError(
@@ -91,8 +93,8 @@ def resolve_source(
         if storage.is_url(text):
             from pipeline.cache import local_shards
 
-            origin = text if sizes is not None else text.rsplit("/", 1)[0]
-            shards, _ = local_shards(shards, origin, cache_dir, cache_limit)
+            origin = text if manifest is not None else text.rsplit("/", 1)[0]
+            shards, _ = local_shards(shards, origin, cache_dir, cache_limit, manifest=manifest)
     except storage.StorageError as exc:
         raise LoaderError(str(exc)) from None
     checked = []
@@ -114,16 +116,19 @@ def is_shard_pattern(text: str) -> bool:
     return any(c in text for c in "{}") or text.rstrip("/").endswith(TAR_SUFFIX)
 
 
-def _listed_by_manifest(root: str, split: str) -> tuple[list[Shard], dict, int]:
-    manifest_path = storage.join(root, MANIFEST)
+def _read_manifest(root: str) -> dict:
     try:
-        manifest = read_manifest(root)
+        return read_manifest(root)
     except ManifestMissing as exc:
         raise LoaderError(
             f"{exc}, or pass a shard URL such as 'DIR/train-{{000000..000009}}.tar'"
         ) from None
     except ManifestError as exc:
         raise LoaderError(str(exc)) from None
+
+
+def _listed_by_manifest(manifest: dict, root: str, split: str) -> tuple[list[Shard], dict, int]:
+    manifest_path = storage.join(root, MANIFEST)
     splits = manifest["splits"]
     if split not in splits:
         raise LoaderError(f"{manifest_path}: no split {split!r} (has {sorted(splits)})")

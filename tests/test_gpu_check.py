@@ -111,27 +111,40 @@ def test_gpu_check_runs_every_step_and_summarises(monkeypatch, tmp_path):
     """The orchestration without a GPU: real synth and build, stand-in GPU steps."""
     monkeypatch.setattr(gpu_check, "require_gpu_stack", lambda: {"gpu": "stand-in"})
     ok, failing = [sys.executable, "-c", "print('fine')"], [sys.executable, "-c", "exit(3)"]
-    monkeypatch.setattr(
-        gpu_check, "steps", lambda out, data, py, quick: [("ok", ok, 30), ("fails", failing, 30)]
-    )
+    seen = []
+
+    def stand_in_steps(out, data, py, quick, rgb):
+        seen.append((data, rgb))
+        return [("ok", ok, 30), ("fails", failing, 30)]
+
+    monkeypatch.setattr(gpu_check, "steps", stand_in_steps)
     out = tmp_path / "gpu-check"
     assert gpu_check.main(["--out", str(out), "--samples", "128"]) == 1  # one step failed
     summary = json.loads((out / "summary.json").read_text())
     assert {k: v["rc"] for k, v in summary["steps"].items()} == {
         "synth": 0,
         "build": 0,
+        "synth-rgb": 0,
+        "build-rgb": 0,
         "ok": 0,
         "fails": 3,
     }
-    manifest = json.loads((out / "work" / "shards" / "manifest.json").read_text())
-    assert 100 <= sum(split["samples"] for split in manifest["splits"].values()) <= 200
+    for name, channels in (("shards", 1), ("shards-rgb", 3)):  # grey and RGB data
+        manifest = json.loads((out / "work" / name / "manifest.json").read_text())
+        assert manifest["channels"] == channels
+        assert 30 <= sum(split["samples"] for split in manifest["splits"].values()) <= 200
+    assert seen[-1] == (out / "work" / "shards", out / "work" / "shards-rgb")
     assert (out / "ok.log").read_text().strip() == "fine"
+    # the GPU train graph's operators by device, counted without a GPU
+    for graph in ("grey", "rgb"):
+        counts = summary["cpu_operators"][graph]
+        assert counts["cpu"] <= 10 and counts["mixed"] == 4 and counts["gpu"] > 0, counts
 
 
 def test_overwrite_replaces_only_what_gpu_check_wrote(monkeypatch, tmp_path):
     monkeypatch.setattr(gpu_check, "require_gpu_stack", lambda: {"gpu": "stand-in"})
     ok = [sys.executable, "-c", "print('fine')"]
-    monkeypatch.setattr(gpu_check, "steps", lambda out, data, py, quick: [("ok", ok, 30)])
+    monkeypatch.setattr(gpu_check, "steps", lambda out, data, py, quick, rgb: [("ok", ok, 30)])
     out = tmp_path / "gpu-check"
     out.mkdir()
     (out / "summary.json").write_text("{}")  # an earlier run's

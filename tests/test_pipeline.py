@@ -444,8 +444,26 @@ def test_dali_startup_benchmark_runs_end_to_end(tiny_shards, tmp_path):
     for split in report["splits"].values():
         assert [e["batches"] for e in split["epochs"]] == [4, 4]  # 32 samples, batches of 8
         assert all(e["first_batch_s"] > 0 for e in split["epochs"])
-    assert report["splits"]["test"]["pipeline"] == "built once, reset"
+    for split in ("train", "test"):  # one pipeline per split, reset every epoch
+        assert report["splits"][split]["pipeline"] == "built once, reset"
+        assert report["splits"][split]["builds"] == 1
     assert "epoch start costs" in result.stdout
+
+
+@needs_dali
+def test_cpu_stage_benchmark_runs_end_to_end(tiny_shards, tmp_path):
+    out = tmp_path / "cpu_stage.json"
+    result = run_cli(
+        "-m", "benchmarks.cpu_stage", "--data", str(tiny_shards), "--json", str(out),
+        "--batch-size", "8", "--batches", "2", "--rounds", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert set(report["graphs"]) == {"grey", "rgb"} and report["batch_size"] == 8
+    for graph in report["graphs"].values():
+        assert graph["operators"]["cpu"] == 5 and graph["operators"]["mixed"] == 4
+        assert len(graph["rounds"]) == 2 and graph["source_ms"] > 0 and graph["feed_ms"] > 0
+    assert "GPU train graph: cpu 5" in result.stdout
 
 
 def test_benchmark_rejects_zero_rounds(tiny_shards):

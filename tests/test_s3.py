@@ -392,6 +392,14 @@ def test_loader_benchmark_reads_s3(s3_shards, tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["data"]["path"] == s3_shards and report["data"]["samples"] == 32
+    remote = report["remote"]  # cold, warm, and the cached files read as a local directory
+    assert [remote[k]["requests"] for k in ("cold", "warm", "local")] == [8, 0, 0]  # tar + idx
+    manifest = json.loads(storage.read_text(storage.join(s3_shards, MANIFEST)))
+    tar_bytes = sum(s["bytes"] for s in manifest["splits"]["train"]["shards"])
+    assert remote["cold"]["bytes_fetched"] > tar_bytes and remote["warm"]["bytes_fetched"] == 0
+    assert all(remote[k]["samples"] == 32 for k in remote)
+    assert remote["warm"]["share_of_local"] > 0
+    assert "s3 warm  cache:" in result.stdout
 
 
 # --- errors: one line naming the URL, exit 1, in bounded time ---------------------------------
