@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks.loaders import load_average
 from benchmarks.report import missing_dir, write_report
 from pipeline import LoaderConfig, LoaderError
-from pipeline.loader import dali_available
+from pipeline.loader import dali_available, keep_freed_batch_memory
 from pipeline.samples import build_table
 from pipeline.source import resolve_source
 
@@ -54,9 +54,10 @@ def graph_counts(channels: int, sizes: dict) -> dict[str, int]:
 
 def time_stage(table, channels: int, sizes: dict, batch: int, batches: int) -> dict:
     """Median ms per batch of the feed alone, and of DALI's external-source stage."""
-    from nvidia.dali import fn, pipeline_def
+    from nvidia.dali import pipeline_def
 
     from pipeline import dali
+    from pipeline.dali_graph import feed_outputs
 
     cfg = LoaderConfig(device="cpu", batch_size=batch)
     spec = dali.graph_spec(cfg, channels, sizes, float_out=True, augment=True)
@@ -73,7 +74,7 @@ def time_stage(table, channels: int, sizes: dict, batch: int, batches: int) -> d
 
     @pipeline_def
     def source_only():
-        return tuple(fn.external_source(source=feed, num_outputs=5, batch=True))
+        return tuple(feed_outputs(feed, spec))  # the loader graph's CPU operators, alone
 
     pipe = source_only(batch_size=batch, num_threads=1, device_id=None, prefetch_queue_depth=1)
     pipe.build()
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     table = build_table(source.shards)
+    keep_freed_batch_memory()  # as build_loader does for a DALI loader on the CPU
     load_start = load_average()
     report = {"machine": {"cores": os.cpu_count(), "load_average_at_start": load_start}}
     report.update(batch_size=a.batch_size, goal_ms=GOAL_MS, graphs={})

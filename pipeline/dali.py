@@ -2,7 +2,8 @@
 
 A ``DaliPipeline`` builds ``pipeline.dali_graph.loader_graph`` once. Each epoch hands it this
 rank's batches of the global order (``pipeline.order``) as sample numbers; its ``Feed`` turns
-each into the four JPEG streams of every sample (memory-mapped slices, ``pipeline.samples``)
+each into the four JPEG streams of every sample (copied from the memory-mapped tars into one
+padded array per part, ``pipeline.samples``)
 and the batch's packed augmentation parameters (``pipeline.params``), and DALI decodes and
 finishes the batch while earlier ones are consumed (``LoaderConfig.prefetch`` batches ahead).
 A new epoch is a new plan and a ``reset()``, never a rebuild: the decoders keep their nvJPEG
@@ -72,7 +73,7 @@ class Feed:
     def __call__(self):
         indices = next(self._pending)  # StopIteration here ends DALI's epoch
         self.sent.append(indices)
-        streams = self.table.encoded(indices)
+        streams = self.table.padded(indices)
         if not self.spec.params:
             return tuple(streams)
         keys = self.table.keys_of(indices)

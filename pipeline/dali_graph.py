@@ -141,11 +141,21 @@ def finish(decoded: dict, params, spec: GraphSpec) -> dict:
     return out
 
 
+def feed_outputs(feed, spec: GraphSpec) -> list:
+    """The feed's outputs: the four padded JPEG streams, and the parameters when augmenting.
+
+    DALI copies each into its own buffer: one copy of a dense array. (``no_copy=True`` measured
+    slower here: 6.8 against 4.4 ms per RGB batch of 512, interleaved, 2 cores, no GPU.)
+    """
+    outputs = len(PARTS) + int(spec.params)
+    return fn.external_source(source=feed, num_outputs=outputs, batch=True)
+
+
 @pipeline_def
 def loader_graph(feed, spec: GraphSpec):
     """One batch of the order: decode the four JPEGs of each sample and, with ``float_out``,
     finish it on the pipeline's device."""
-    streams = fn.external_source(source=feed, num_outputs=len(PARTS) + int(spec.params), batch=True)
+    streams = feed_outputs(feed, spec)
     colour = types.RGB if spec.channels == 3 else types.GRAY
     decoded = {}
     for part, encoded in zip(PARTS, streams):

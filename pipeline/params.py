@@ -18,6 +18,7 @@ factors, and the draws of a sample do not depend on its batch, its rank or the b
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -51,27 +52,33 @@ def part_normalisation(part: str, cfg: LoaderConfig) -> tuple[float, float]:
     return (cfg.mean, cfg.std) if part in INPUTS else (0.0, 1.0)
 
 
+def _blake(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _key_hash(key: str) -> int:
+    return _blake(key)  # once per key and process: later epochs only mix in the salt
+
+
 def key_hashes(keys: list[str], seed: int, epoch: int) -> np.ndarray:
     """One 64-bit hash per sample key, salted with (seed, epoch): the root of all its draws."""
-    return np.fromiter(
-        (
-            int.from_bytes(
-                hashlib.blake2b(f"{seed}/{epoch}/{key}".encode(), digest_size=8).digest(), "little"
-            )
-            for key in keys
-        ),
-        dtype=np.uint64,
-        count=len(keys),
-    )
+    base = np.fromiter(map(_key_hash, keys), dtype=np.uint64, count=len(keys))
+    return _mix(base ^ np.uint64(_blake(f"{seed}/{epoch}")))
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: every bit of the input reaches every bit of the output."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9) & _MASK64
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB) & _MASK64
+        return z ^ (z >> np.uint64(31))
 
 
 def _uniform(hashes: np.ndarray, stream: int) -> np.ndarray:
     """Uniform [0, 1) per sample for one stream id, by splitmix64 (vectorised, no RNG state)."""
     with np.errstate(over="ignore"):
-        z = hashes + np.uint64((stream + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9) & _MASK64
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB) & _MASK64
-        z = z ^ (z >> np.uint64(31))
+        z = _mix(hashes + np.uint64((stream + 1) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF))
     return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

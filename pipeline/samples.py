@@ -63,6 +63,28 @@ class SampleTable:
             for p in range(len(PARTS))
         ]
 
+    def padded(self, indices: np.ndarray) -> list[np.ndarray]:
+        """The JPEG bytes of these samples, per part, as one (B, L) uint8 array each: row i
+        holds sample i's JPEG followed by zeros up to the longest one in the batch.
+
+        What DALI's feed sends: one dense array per part is one copy into DALI's buffer, where a
+        list of B arrays costs DALI ~6 us of Python per array (~12 ms per batch of 512). A JPEG
+        decoder stops at the image's end marker, so the zeros after it are never read.
+        """
+        shard, offsets, sizes = self.shard[indices], self.offsets[indices], self.sizes[indices]
+        maps = [self._bytes(s) for s in shard.tolist()]
+        out = []
+        for p in range(len(PARTS)):
+            lengths = sizes[:, p].tolist()
+            rows = np.zeros((len(indices), max(lengths, default=0)), dtype=np.uint8)
+            for row, data, start, length in zip(rows, maps, offsets[:, p].tolist(), lengths):
+                row[:length] = data[start : start + length]
+            out.append(rows)
+        return out
+
+    def _bytes(self, shard: int) -> np.ndarray:
+        return np.frombuffer(self._map(shard), dtype=np.uint8)
+
     def _map(self, shard: int) -> mmap.mmap:
         # One map per tar and process: a forked DataLoader worker inherits its parent's maps
         # (read-only, so sharing them is safe) and opens the rest itself.
