@@ -339,6 +339,21 @@ def test_corrupt_jpeg_inside_shard_is_named(backend, shard_copy):
     assert "train-000000.tar" in result.stderr
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_damage_inside_a_later_shard_names_that_shard(backend, shard_copy):
+    """20 KB overwritten inside train-000001.tar (same size): the error names that shard and
+    the member the failing batch read, not the first shard of the list."""
+    victim = shard_copy / "train-000001.tar"
+    data = bytearray(victim.read_bytes())
+    data[30000:50000] = bytes(20000)
+    victim.write_bytes(bytes(data))
+    result = probe(str(shard_copy), backend)
+    assert result.returncode == 3, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"LoaderError: {victim}: ") and "cannot decode" in line, line
+    assert "train-000000.tar" not in line and "train-000003.tar" not in line
+
+
 @pytest.mark.parametrize(
     "pattern",
     ["train-{000000..000003.tar", "train-{000000..00000x}.tar", "train-{000000..000009}.tar"],
