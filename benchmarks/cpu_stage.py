@@ -31,8 +31,7 @@ import time
 
 import numpy as np
 
-from benchmarks.loaders import load_average
-from benchmarks.report import missing_dir, write_report
+from benchmarks.report import load_average, machine_info, missing_dir, write_report
 from pipeline import LoaderConfig, LoaderError
 from pipeline.loader import dali_available, keep_freed_batch_memory
 from pipeline.samples import build_table
@@ -111,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     table = build_table(source.shards)
     keep_freed_batch_memory()  # as build_loader does for a DALI loader on the CPU
     load_start = load_average()
-    report = {"machine": {"cores": os.cpu_count(), "load_average_at_start": load_start}}
+    report = {"machine": {"load_average_at_start": load_start}}
     report.update(batch_size=a.batch_size, goal_ms=GOAL_MS, graphs={})
     for name, channels in (("grey", 1), ("rgb", 3)):
         rounds = [
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             "source_ms": statistics.median(r["source_ms"] for r in rounds),
             "rounds": rounds,
         }
-    report["machine"]["load_average_at_end"] = load_average()
+    report["machine"].update(machine_info())
     for name, g in report["graphs"].items():
         ops = ", ".join(f"{d} {n}" for d, n in sorted(g["operators"].items()))
         print(

@@ -19,9 +19,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.loaders import load_average
-from benchmarks.report import missing_dir, write_report
+from benchmarks.report import load_average, machine_info, missing_dir, write_report
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN, resolve_threads
 from pipeline.loader import dali_available
@@ -92,13 +89,9 @@ def run(args: argparse.Namespace) -> dict:
         }
     return {
         "machine": {
-            "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            **machine_info(),
             "dali_threads": resolve_threads(cfg),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "platform": platform.platform(),
             "load_average_at_start": load_at_start,
-            "load_average_at_end": load_average(),
         },
         "data": {"path": str(args.data), "batch_size": args.batch_size, "device": args.device},
         "splits": splits,

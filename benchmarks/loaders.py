@@ -32,12 +32,10 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import datetime
 import io
 import json
 import logging
 import multiprocessing
-import platform
 import random
 import resource
 import statistics
@@ -53,7 +51,7 @@ from PIL import Image, ImageEnhance
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from benchmarks.report import missing_dir, write_report
+from benchmarks.report import cores, load_average, machine_info, missing_dir, write_report
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from pipeline.loader import dali_available, resolve_augment_in
@@ -69,10 +67,6 @@ LOADERS = ("seed-baseline", "webdataset", "dali-cpu", "dali-gpu", "decode-ceilin
 # Untimed batches first: pipeline start-up, and prefetch queues that were filled for free.
 WARMUP_BATCHES = 3
 CEILINGS = {"decode-ceiling": ("pil", "dali"), "decode-ceiling-gpu": ("dali-gpu",)}
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 # ---------------------------------------------------------------- seed-baseline (the reference)
@@ -298,43 +292,6 @@ def summarise(rounds: list[dict], count: int) -> dict:
         result["cpu_s"] = sum(cpu)
         result["samples_per_s_all_cores_cpu"] = samples / sum(cpu) * cores()
     return result
-
-
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages, to 2 decimals: other users' load skews wall rates.
-
-    Every benchmark records the load average from here.
-    """
-    if not hasattr(os, "getloadavg"):
-        return None
-    return [round(load, 2) for load in os.getloadavg()]  # 1.1708984375 says no more than 1.17
-
-
-def machine_info() -> dict:
-    """Cores, GPU, date, versions, and the load average: other users' load skews wall rates."""
-    load_at_end = load_average()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    dali_version = None
-    if dali_available():
-        from importlib.metadata import PackageNotFoundError, version
-
-        for dist in ("nvidia-dali-cuda120", "nvidia-dali-cuda110", "nvidia-dali-cuda130"):
-            try:
-                dali_version = version(dist)
-                break
-            except PackageNotFoundError:
-                continue
-    return {
-        "cores": cores(),
-        "gpu": gpu,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "dali": dali_version,
-        "load_average_at_end": load_at_end,
-        "load_average_1m_at_end": load_at_end[0] if load_at_end else None,
-    }
 
 
 def plan(args: argparse.Namespace, data: DataSource, cfg: LoaderConfig, workdir: Path) -> dict:

@@ -36,7 +36,7 @@ MAX_ATTEMPTS = 2
 # S3 needs every part but the last to be at least 5 MiB.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_BYTES = 16 * 1024 * 1024
-_STREAM_BUFFER = 1 << 20  # read-ahead of a streamed object: one request per MiB of tar
+_STREAM_BUFFER = 1 << 20  # read-ahead of a streamed object (one GET streams all of it)
 
 
 class StorageError(OSError):
