@@ -339,6 +339,31 @@ def test_torch_workers_read_the_cache_not_s3(s3_shards, s3_log, tmp_path):
     assert len(fetched) == 4 and set(fetched.values()) == {1}, fetched  # 2 workers, one GET
 
 
+def test_a_full_disk_while_caching_is_one_line_and_leaves_no_partial_file(
+    s3_shards, tmp_path, monkeypatch
+):
+    import errno
+
+    from sharding.atomic import atomic_path
+
+    def fill_disk(url, local, progress=None):
+        with atomic_path(local) as tmp:  # as storage.download writes: a temporary, then rename
+            tmp.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(storage, "download", fill_disk)
+    cache = tmp_path / "cache"
+    cfg = LoaderConfig(backend="torch", cache_dir=str(cache))
+    with pytest.raises(LoaderError) as raised:
+        build_loader(s3_shards, "train", cfg)
+    message = str(raised.value)
+    assert "\n" not in message and "the disk is full while caching" in message
+    assert "free space or point --cache-dir elsewhere" in message
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert not [p.name for p in folder.iterdir() if p.suffix in (".tar", ".idx")]
+    assert not list(folder.glob(".tmp-*"))  # no partial download left behind
+
+
 def test_cache_limit_and_cache_dir_errors_are_one_line(s3_shards, tmp_path):
     cfg = LoaderConfig(backend="torch", cache_dir=str(tmp_path / "cache"), cache_limit=1000)
     manifest = json.loads(storage.read_text(storage.join(s3_shards, MANIFEST)))
