@@ -111,8 +111,11 @@ class Loader:
         return sum(len(b) for b in self.batches(0))
 
     def __len__(self) -> int:
-        """Batches this rank reads in a whole epoch: the same on every rank for training."""
-        return self.slicing.steps(self.total_samples)
+        """Batches this rank reads in a whole epoch: the same on every rank for training; in
+        the test split a rank may get no share of a last partial global batch."""
+        if self.slicing.drop_last:
+            return self.slicing.steps(self.total_samples)
+        return len(self.batches(0))
 
     def __repr__(self) -> str:
         return (

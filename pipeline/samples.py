@@ -54,12 +54,9 @@ class SampleTable:
         """The JPEG bytes of these samples, per part (in ``PARTS`` order): uint8 views of the
         memory-mapped tars, valid while this table lives."""
         shard, offsets, sizes = self.shard[indices], self.offsets[indices], self.sizes[indices]
-        maps = [self._map(s) for s in shard.tolist()]
+        maps = [self._bytes(s) for s in shard.tolist()]
         return [
-            [
-                np.frombuffer(m, dtype=np.uint8, count=n, offset=o)
-                for m, o, n in zip(maps, offsets[:, p].tolist(), sizes[:, p].tolist())
-            ]
+            [m[o : o + n] for m, o, n in zip(maps, offsets[:, p].tolist(), sizes[:, p].tolist())]
             for p in range(len(PARTS))
         ]
 
@@ -83,15 +80,13 @@ class SampleTable:
         return out
 
     def _bytes(self, shard: int) -> np.ndarray:
-        return np.frombuffer(self._map(shard), dtype=np.uint8)
-
-    def _map(self, shard: int) -> mmap.mmap:
-        # One map per tar and process: a forked DataLoader worker inherits its parent's maps
-        # (read-only, so sharing them is safe) and opens the rest itself.
+        """A tar's bytes, memory-mapped: one map per tar and process (a forked DataLoader
+        worker inherits its parent's maps, read-only, and opens the rest itself)."""
         key = (os.getpid(), shard)
         if key not in self._maps:
             with open(self.paths[shard], "rb") as f:
-                self._maps[key] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[key] = np.frombuffer(data, dtype=np.uint8)
         return self._maps[key]
 
 
