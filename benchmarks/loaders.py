@@ -55,8 +55,9 @@ from benchmarks.report import cores, load_average, machine_info, missing_dir, wr
 from pipeline import LoaderConfig, LoaderError, build_loader
 from pipeline.config import AUGMENT_IN
 from pipeline.loader import dali_available, resolve_augment_in
-from pipeline.source import DataSource, open_tar, resolve_source
-from sharding.shard_format import META_EXT, PARTS, image_ext, part_of, split_member
+from pipeline.samples import build_table, read_member, scan_tar
+from pipeline.source import DataSource, resolve_source
+from sharding.shard_format import META_EXT, PARTS, image_ext
 from sharding.storage import StorageError, is_url
 
 log = logging.getLogger(__name__)
@@ -89,19 +90,14 @@ def extract_loose(data: DataSource, out: Path) -> list[dict[str, Path]]:
     """Unpack the shards into the reference's folder layout (one folder per source zip)."""
     samples = []
     for shard in data.shards:
-        with open_tar(shard.path) as archive:
-            members = {}
-            for member in archive:
-                key, ext = split_member(member.name)
-                members.setdefault(key, {})[ext] = archive.extractfile(member).read()
-        for parts in members.values():
-            info = json.loads(parts[META_EXT])
+        for _, members in scan_tar(shard.path):
+            info = json.loads(read_member(shard.path, *members[META_EXT]))
             root = out / Path(info.get("zip", "batch")).stem
             paths = {}
             for part, name in loose_names(info).items():
                 path = root / name
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(parts[image_ext(part)])
+                path.write_bytes(read_member(shard.path, *members[image_ext(part)]))
                 paths[part] = path
             samples.append(paths)
     return samples
@@ -198,14 +194,12 @@ def _pil_decode_chunk(chunk: list[tuple[bytes, str]]) -> int:
 def encoded_jpegs(data: DataSource) -> list[tuple[bytes, str]]:
     """Every JPEG of the split in memory, with the PIL mode it decodes to."""
     mode = "RGB" if data.channels == 3 else "L"
+    table = build_table(data.shards)
+    streams = table.encoded(np.arange(len(table)))  # per part, per sample
     encoded = []
-    for shard in data.shards:
-        with open_tar(shard.path) as archive:
-            for member in archive:
-                part = part_of(split_member(member.name)[1])
-                if part is not None:
-                    part_mode = mode if part in ("bg", "fg_bg") else "L"
-                    encoded.append((archive.extractfile(member).read(), part_mode))
+    for sample in zip(*streams):
+        for part, jpeg in zip(PARTS, sample):
+            encoded.append((jpeg.tobytes(), mode if part in ("bg", "fg_bg") else "L"))
     return encoded
 
 

@@ -94,7 +94,7 @@ def build_table(shards) -> SampleTable:
     """A table over local shards (``pipeline.source.Shard``), from their indexes or tars."""
     paths, shard_of, offsets, sizes, keys = [], [], [], [], []
     for number, shard in enumerate(shards):
-        samples = _from_index(shard) if shard.index else _from_tar(shard.path)
+        samples = _from_index(shard) if shard.index else scan_tar(shard.path)
         paths.append(shard.path)
         for key, members in samples:
             missing = [ext for ext in IMAGE_EXTS if ext not in members]
@@ -113,6 +113,13 @@ def build_table(shards) -> SampleTable:
     )
 
 
+def read_member(path: str, offset: int, size: int) -> bytes:
+    """``size`` bytes of a local file from ``offset``: one member's data."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 def _from_index(shard) -> list[tuple[str, dict]]:
     try:
         with open(shard.index, encoding="utf-8") as f:
@@ -122,7 +129,7 @@ def _from_index(shard) -> list[tuple[str, dict]]:
             f"{shard.index}: unreadable DALI index ({exc}); rebuild the shards"
         ) from None
     if any(name is None for components in entries for *_, name in components):
-        return _from_tar(shard.path)  # a v1.1 index names no members: the keys are in the tar
+        return scan_tar(shard.path)  # a v1.1 index names no members: the keys are in the tar
     samples = []
     for components in entries:
         key = split_member(components[0][3])[0]
@@ -130,8 +137,10 @@ def _from_index(shard) -> list[tuple[str, dict]]:
     return samples
 
 
-def _from_tar(path: str) -> list[tuple[str, dict]]:
-    """(key, {ext: (data offset, size)}) per sample, in tar order, from the tar's headers."""
+def scan_tar(path: str) -> list[tuple[str, dict]]:
+    """(key, {ext: (data offset, size)}) per sample, in tar order, from the tar's headers: the
+    one tar reader of the pipeline (a shard without an index, a URL source's first sample,
+    the benchmarks' loose files)."""
     samples: dict[str, dict] = {}
     try:
         with tarfile.open(path, mode="r:") as archive:

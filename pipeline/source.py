@@ -14,12 +14,10 @@ from __future__ import annotations
 import io
 import logging
 import os
-import tarfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 from pipeline.config import LoaderError
+from pipeline.samples import read_member, scan_tar
 from sharding import storage
 from sharding.shard_format import (
     IMAGE_EXTS,
@@ -29,13 +27,12 @@ from sharding.shard_format import (
     IndexFormatError,
     ManifestError,
     ManifestMissing,
+    image_ext,
     index_data_end,
     index_path_for,
     not_a_dataset,
     parse_index,
-    part_of,
     read_manifest,
-    split_member,
 )
 
 log = logging.getLogger(__name__)
@@ -182,37 +179,31 @@ def _listed_by_url(url: str) -> list[Shard]:
     return shards
 
 
-def check_shard(path: str, index: str | None, listed_in: str | None = None) -> int:
-    """Return the shard's sample count, or raise LoaderError naming what is wrong with it.
-
-    ``listed_in``: the manifest that lists ``index``, named when the index is missing.
-    """
+def check_shard(path: str, index: str | None) -> int:
+    """Return the local shard's sample count, or raise LoaderError naming what is wrong."""
     try:
-        size = storage.size(path)
-        # Every tar member header carries "ustar" at byte 257; garbage or another format does
-        # not. One ranged read: the shard itself may be remote and large.
-        head = storage.read_bytes(path, 0, _TAR_BLOCK)
-    except storage.NotFound:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            # Every tar member header carries "ustar" at byte 257; garbage or another format
+            # does not.
+            head = f.read(_TAR_BLOCK)
+    except FileNotFoundError:
         raise LoaderError(f"{path}: shard not found") from None
-    except storage.StorageError as exc:
-        raise LoaderError(str(exc)) from None
     except OSError as exc:
         raise LoaderError(f"{path}: cannot read shard ({exc.strerror})") from None
     if len(head) < _TAR_BLOCK or head[257:262] != b"ustar":
         raise LoaderError(f"{path}: not a tar archive (no ustar header); the shard is corrupt")
     if index is None:
-        return _count_by_scan(path)
-    return _count_by_index(path, index, size, listed_in)
+        return len(scan_tar(path))
+    return _count_by_index(path, index, size)
 
 
-def _count_by_index(path: str, index: str, size: int, listed_in: str | None) -> int:
+def _count_by_index(path: str, index: str, size: int) -> int:
     try:
-        samples = parse_index(storage.read_text(index))
-    except storage.NotFound:
-        where = f" listed in {listed_in}" if listed_in else ""
-        raise LoaderError(f"{index}: DALI index{where} is missing") from None
-    except storage.StorageError as exc:
-        raise LoaderError(str(exc)) from None
+        with open(index, encoding="utf-8") as f:
+            samples = parse_index(f.read())
+    except FileNotFoundError:
+        raise LoaderError(f"{index}: DALI index is missing") from None
     except (OSError, UnicodeDecodeError, IndexFormatError) as exc:
         raise LoaderError(f"{index}: unreadable DALI index ({exc}); rebuild the shards") from exc
     end = index_data_end(samples)  # the data of every member must end inside the file
@@ -224,55 +215,25 @@ def _count_by_index(path: str, index: str, size: int, listed_in: str | None) -> 
     return len(samples)
 
 
-def _count_by_scan(path: str) -> int:
-    keys = set()
-    try:
-        with open_tar(path) as archive:
-            for member in archive:
-                if member.isfile():
-                    keys.add(split_member(member.name)[0])
-    except storage.StorageError as exc:
-        raise LoaderError(str(exc)) from None
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise LoaderError(f"{path}: corrupt or truncated tar ({exc})") from exc
-    return len(keys)
-
-
 def _probe_first_sample(path: str) -> tuple[int, dict]:
     """Channels and stored sizes, read from the first sample (URL sources have no manifest)."""
     from PIL import Image
 
-    found = {}
-    try:
-        with open_tar(path) as archive:
-            for member in archive:
-                part = part_of(split_member(member.name)[1])
-                if part is not None and part not in found:
-                    data = archive.extractfile(member).read()
-                    with Image.open(io.BytesIO(data)) as image:
-                        found[part] = (image.mode, (image.height, image.width))
-                if len(found) == len(PARTS):
-                    break
-    except storage.StorageError as exc:
-        raise LoaderError(str(exc)) from None
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise LoaderError(f"{path}: corrupt or truncated tar ({exc})") from exc
-    missing = [p for p in PARTS if p not in found]
+    samples = scan_tar(path)
+    members = samples[0][1] if samples else {}
+    missing = [p for p in PARTS if image_ext(p) not in members]
     if missing:
         raise LoaderError(f"{path}: first sample lacks {missing}; not a maskdepth shard")
+    found = {}
+    for part in PARTS:
+        data = read_member(path, *members[image_ext(part)])
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                found[part] = (image.mode, (image.height, image.width))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise LoaderError(f"{path}: {samples[0][0]}.{image_ext(part)}: {exc}") from None
     channels = 1 if found["bg"][0] == "L" else 3
     return channels, {part: size for part, (_, size) in found.items()}
-
-
-@contextmanager
-def open_tar(path: str) -> Iterator[tarfile.TarFile]:
-    """A shard as a tar read front to back: a local file, or an object streamed from S3.
-
-    Members must be read in order (``extractfile`` of the member just yielded), as in
-    ``for member in archive``; nothing is downloaded ahead.
-    """
-    with storage.open_read(path) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
-        yield archive
 
 
 def find_undecodable_samples(table, indices) -> str | None:
