@@ -27,7 +27,7 @@ from pipeline.loader import dali_available
 from sharding import storage
 from sharding.build import BuildError, ShardConfig, build
 from sharding.shard_format import MANIFEST
-from tests.conftest import TINY_PER_SHARD, run_cli
+from tests.conftest import TINY_PER_SHARD, one_line_error, run_cli
 
 BUCKET = "maskdepth-test"
 BACKENDS = ["dali", "torch"] if dali_available() else ["torch"]
@@ -132,15 +132,6 @@ def s3_shards(s3_env, tiny_zips) -> str:
     return url
 
 
-def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if "error" in line]
-    assert len(lines) == 1, result.stderr
-    for needle in needles:
-        assert needle in lines[0], result.stderr
-
-
 # --- build and verify -----------------------------------------------------------------------
 
 
@@ -162,7 +153,7 @@ def test_existing_manifest_is_refused_without_overwrite(s3_shards, tiny_zips):
     before = storage.read_bytes(storage.join(s3_shards, MANIFEST))
     zips = [str(p) for p in sorted(tiny_zips.glob("*.zip"))]
     result = run_cli("-m", "sharding.build", *zips, "--out", s3_shards)
-    one_line_error(result, s3_shards, "--overwrite")
+    one_line_error(result, s3_shards, "--overwrite", alone=False)
     assert storage.read_bytes(storage.join(s3_shards, MANIFEST)) == before
 
 
@@ -434,11 +425,13 @@ def test_missing_object_is_named(s3_env, s3_shards, tiny_zips, tmp_path):
     url = f"s3://{BUCKET}/missing-shard"
     build(tiny_cfg(tiny_zips, url), progress=False)
     storage.delete([f"{url}/train-000002.tar"])
-    one_line_error(run_cli("-m", "sharding.verify", url), f"{url}/train-000002.tar: missing")
+    one_line_error(
+        run_cli("-m", "sharding.verify", url), f"{url}/train-000002.tar: missing", alone=False
+    )
     with pytest.raises(LoaderError, match=f"{url}/train-000002.tar: no such object"):
         build_loader(url, "train", LoaderConfig(backend="torch"))
     result = run_cli("train.py", "--data", f"s3://{BUCKET}/nothing", "--out", str(tmp_path / "r"))
-    one_line_error(result, f"s3://{BUCKET}/nothing: no manifest.json there")
+    one_line_error(result, f"s3://{BUCKET}/nothing: no manifest.json there", prefix="train.py")
     assert not (tmp_path / "r").exists()
 
 
@@ -469,6 +462,7 @@ def test_storage_failures_are_one_line_within_seconds(
     for name, command in commands.items():
         start = time.monotonic()
         result = run_cli(*command, timeout=60)
-        one_line_error(result, url, needle)
+        prefix = "train.py: error" if name == "train" else "error: "
+        one_line_error(result, url, needle, prefix=prefix, alone=False)
         assert time.monotonic() - start < 30, f"{case}: {name} took too long"
     assert not (tmp_path / "run").exists()
