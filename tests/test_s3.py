@@ -62,7 +62,14 @@ def s3_log(tmp_path_factory) -> Path:
 
 
 def tar_gets(log: Path, start: int) -> Counter:
-    """GET requests per .tar object in the server's log after byte ``start`` of it."""
+    """GET requests per .tar object in the server's log after byte ``start`` of it.
+
+    The server logs a request after answering it: wait until the log has stopped growing.
+    """
+    size, deadline = -1, time.monotonic() + 10
+    while size != log.stat().st_size and time.monotonic() < deadline:
+        size = log.stat().st_size
+        time.sleep(0.3)
     with open(log, "rb") as f:
         f.seek(start)
         text = f.read().decode("utf-8", errors="replace")
