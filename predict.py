@@ -45,7 +45,7 @@ from pipeline import LoaderConfig, denormalize
 from pipeline.grid import compose, save_png, to_pil
 from pipeline.preprocess import decode, image_mode, normalize
 from sharding.layout import classify, is_junk
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError, load_checkpoint, saved_model_config
 from training.distributed import DEVICES, DeviceError, resolve_device
 from training.rundir import RunDir
 
@@ -139,9 +139,7 @@ def load_model(path: str, device: torch.device) -> tuple[UNet, LoaderConfig]:
         state = load_checkpoint(checkpoint_path(path))
     except CheckpointError as e:
         raise PredictError(str(e)) from e
-    saved = state["model_config"]
-    unet_cfg = UNetConfig(**{**saved, "widths": tuple(saved["widths"])})
-    model = UNet(unet_cfg)
+    model = UNet(UNetConfig(**saved_model_config(state)))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), LoaderConfig(**state["loader_config"])
 

@@ -4,6 +4,15 @@
     torchrun --standalone --nproc_per_node=2 train.py --data DIR --out RUNDIR
 
 What RUNDIR holds is listed at the end of ``--help``.
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM lets the step in hand finish, saves
+checkpoints/last.pt where the run is and exits 130 with one line; ``--resume`` continues
+from the exact sample. Under torchrun the ranks agree on it at their next log step
+(``--log-interval``), so that all stop at the same one. Ctrl-C there reaches torchrun
+only (its workers run in sessions of their own): torchrun passes SIGINT on to every
+worker, which saves and exits 130 as above, then prints its own SignalException report
+and exits 1; the checkpoint is whole all the same. torchrun kills workers that take
+longer than its ``--shutdown-timeout`` (30 s): raise it if --log-interval steps take longer.
 """
 
 from __future__ import annotations
@@ -24,23 +33,21 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, UNet, UNetConfig
-from pipeline import LoaderConfig, LoaderError, build_loader
+from pipeline import LoaderError
 from pipeline.config import AUGMENT_IN
-from sharding import storage
-from sharding.shard_format import MANIFEST
 from training import checkpoint, distributed, figures, monitor
-from training.checkpoint import FIXED_ON_RESUME, TrainState
+from training.builders import build_loaders, build_state
+from training.checkpoint import TrainState
 from training.distributed import DEVICES, Runtime, setup_runtime, teardown
 from training.errors import Stopped, TrainError, diverged, interrupted
 from training.evaluate import evaluate
 from training.logger import LossTotals, MetricLogger, RateWindow
 from training.options import HelpFormatter, given_options, positive_int
-from training.recipe import RECIPES, add_model_args, add_recipe_args, build_optimizer, resolve
+from training.recipe import RECIPES, add_model_args, add_recipe_args, resolve
 from training.rundir import RUN_DIR_HELP, EpochClock, RunDir, resolved_config, training_rates
-from training.step import LOSS_PARTS, StepTimer, StopCheck, stop_requests, train_step
+from training.step import StepTimer, StopCheck, read_losses, stop_requests, train_step, zero_batch
+
+DEFAULT = RECIPES["default"]  # every model and optimisation default (model.recipes)
 
 
 @dataclass(frozen=True)
@@ -60,30 +67,31 @@ class TrainConfig:
     cache_dir: str | None = None  # s3:// shards' node-local cache; None: pipeline.cache's default
     cache_limit: int | None = None
     # Model
-    widths: tuple[int, ...] = RECIPES["default"]["widths"]
-    diff_input: bool = RECIPES["default"]["diff_input"]
-    skip: str = RECIPES["default"]["skip"]
-    context: bool = RECIPES["default"]["context"]
+    widths: tuple[int, ...] = DEFAULT["widths"]
+    diff_input: bool = DEFAULT["diff_input"]
+    skip: str = DEFAULT["skip"]
+    context: bool = DEFAULT["context"]
     channels_last: bool = True
     amp: bool = True
+    compile: bool = False
     # Optimisation: the recipe's fields default to training.recipe.RECIPES["default"]
     epochs: int = 5
     recipe: str = "default"
-    optimizer: str = RECIPES["default"]["optimizer"]
-    lr: float = RECIPES["default"]["lr"]
-    momentum: float = RECIPES["default"]["momentum"]
-    weight_decay: float = RECIPES["default"]["weight_decay"]
-    schedule: str = RECIPES["default"]["schedule"]
-    warmup: float = RECIPES["default"]["warmup"]
-    cooldown: float = RECIPES["default"]["cooldown"]
-    lr_step: int = RECIPES["default"]["lr_step"]
-    lr_gamma: float = RECIPES["default"]["lr_gamma"]
-    mask_weight: float = RECIPES["default"]["mask_weight"]
-    dice_weight: float = RECIPES["default"]["dice_weight"]
-    depth_weight: float = RECIPES["default"]["depth_weight"]
-    depth_l1_weight: float = RECIPES["default"]["depth_l1_weight"]
-    depth_grad_weight: float = RECIPES["default"]["depth_grad_weight"]
-    depth_aux_weight: float = RECIPES["default"]["depth_aux_weight"]
+    optimizer: str = DEFAULT["optimizer"]
+    lr: float = DEFAULT["lr"]
+    momentum: float = DEFAULT["momentum"]
+    weight_decay: float = DEFAULT["weight_decay"]
+    schedule: str = DEFAULT["schedule"]
+    warmup: float = DEFAULT["warmup"]
+    cooldown: float = DEFAULT["cooldown"]
+    lr_step: int = DEFAULT["lr_step"]
+    lr_gamma: float = DEFAULT["lr_gamma"]
+    mask_weight: float = DEFAULT["mask_weight"]
+    dice_weight: float = DEFAULT["dice_weight"]
+    depth_weight: float = DEFAULT["depth_weight"]
+    depth_l1_weight: float = DEFAULT["depth_l1_weight"]
+    depth_grad_weight: float = DEFAULT["depth_grad_weight"]
+    depth_aux_weight: float = DEFAULT["depth_aux_weight"]
     seed: int = 0
     # Run
     device: str = "auto"
@@ -104,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The CLI, in option groups that map onto :class:`TrainConfig`."""
     d = TrainConfig()
     p = argparse.ArgumentParser(
-        description=__doc__, epilog=RUN_DIR_HELP, formatter_class=HelpFormatter
+        prog="train.py", description=__doc__, epilog=RUN_DIR_HELP, formatter_class=HelpFormatter
     )
     g = p.add_argument_group("Data")
     g.add_argument(
@@ -146,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = add_model_args(p)  # the recipe's model fields; then how the model runs here
     on_off = argparse.BooleanOptionalAction
-    g.add_argument("--channels-last", action=on_off, default=True, help="NHWC (faster on CPU/GPU)")
-    g.add_argument("--amp", action=on_off, default=True, help="bf16 autocast on CUDA (not CPU)")
+    g.add_argument(
+        "--channels-last", action=on_off, default=d.channels_last, help="NHWC (faster on CPU/GPU)"
+    )
+    g.add_argument("--amp", action=on_off, default=d.amp, help="bf16 autocast on CUDA (not CPU)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training model (evaluation stays eager); the first steps "
+        "compile, for a minute or more",
+    )
     add_recipe_args(p)
     g = p.add_argument_group("Length and seed")
     g.add_argument("--epochs", type=positive_int, default=d.epochs, help="total epochs")
@@ -169,14 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("Logging")
     g.add_argument(
-        "--log-interval", type=positive_int, default=d.log_interval, help="steps per log line"
+        "--log-interval",
+        type=positive_int,
+        default=d.log_interval,
+        help="steps per log line; under torchrun also how often the ranks agree on failures "
+        "and stop requests (one host collective)",
     )
     g.add_argument("--histograms", action="store_true", help="weight histograms to TensorBoard")
     g.add_argument(
         "--profile",
         choices=("none", "cprofile", "torch"),
         default=d.profile,
-        help="cprofile.prof, or a torch.profiler trace for TensorBoard",
+        help="cprofile.prof, or a torch.profiler trace in tb/ (TensorBoard, Perfetto)",
     )
     g.add_argument(
         "--figure-samples", type=positive_int, default=d.figure_samples, help="rows of results.png"
@@ -186,107 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Parse ``argv`` into a :class:`TrainConfig` (options left out of --resume and --weights
-    runs from the checkpoint) and check the combinations argparse cannot."""
+    runs from the checkpoint); a combination argparse cannot check is a usage error too."""
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    if args["test_only"] and not args["weights"]:
+        parser.error("--test-only evaluates a checkpoint: add --weights CKPT")
+    if args["resume"] and args["weights"]:
+        parser.error("--resume continues OUT/checkpoints/last.pt; drop --weights")
     last = RunDir(Path(args["out"])).last
     args = checkpoint.options_from_checkpoint(args, given_options(parser, argv), last)
     args = resolve(args)  # unset options from --recipe
     cfg = TrainConfig(**{f.name: args[f.name] for f in fields(TrainConfig)})
     if bool(cfg.data) == bool(cfg.train or cfg.test):
-        raise TrainError("give either --data DIR or both --train URLS and --test URLS")
+        parser.error("give either --data DIR or both --train URLS and --test URLS")
     if not cfg.data and not (cfg.train and cfg.test):
-        raise TrainError("--train and --test go together; give both")
-    if cfg.test_only and not cfg.weights:
-        raise TrainError("--test-only evaluates a checkpoint: add --weights CKPT")
-    if cfg.resume and cfg.weights:
-        raise TrainError("--resume continues OUT/checkpoints/last.pt; drop --weights")
+        parser.error("--train and --test go together; give both")
     return cfg
-
-
-def build_loaders(cfg: TrainConfig, rt: Runtime) -> tuple[Any, Any, LoaderConfig]:
-    """``(train_loader, test_loader, loader_cfg)``; each rank reads its part of the shards."""
-    try:  # a directory or an s3:// prefix
-        has_manifest = not cfg.data or storage.exists(storage.join(cfg.data, MANIFEST))
-    except storage.StorageError as e:
-        raise TrainError(f"--data {e}") from None
-    if not has_manifest:
-        raise TrainError(
-            f"--data {cfg.data}: no {MANIFEST} there; build shards with "
-            "`python -m sharding.build ZIPS --out DIR` and pass that DIR"
-        )
-    loader_cfg = LoaderConfig(
-        backend=cfg.loader,
-        device=str(rt.device),
-        batch_size=cfg.batch_size,
-        num_threads=cfg.num_threads,
-        seed=cfg.seed,
-        augment=cfg.augment,
-        augment_in=cfg.augment_in,
-        cache_dir=cfg.cache_dir,
-        cache_limit=cfg.cache_limit,
-    )
-    try:
-        train_loader = build_loader(cfg.data or cfg.train, "train", loader_cfg)
-        test_loader = build_loader(cfg.data or cfg.test, "test", loader_cfg)  # never augmented
-    except (LoaderError, OSError, ValueError) as e:  # they name the file and the fix
-        raise TrainError(str(e).strip().splitlines()[0]) from e
-    if train_loader.channels != test_loader.channels:
-        raise TrainError(
-            f"train shards have {train_loader.channels} channels but test shards have "
-            f"{test_loader.channels}; build both splits from the same dataset"
-        )
-    return train_loader, test_loader, loader_cfg
-
-
-def build_model(
-    cfg: TrainConfig, channels: int, loader_cfg: LoaderConfig, rt: Runtime
-) -> tuple[nn.Module, nn.Module, UNetConfig]:
-    """The UNet for the loader's geometry on ``rt.device`` in ``rt.memory_format``, and its loss."""
-    try:
-        unet_cfg = UNetConfig.for_geometry(
-            loader_cfg.geometry,
-            in_channels=channels,
-            widths=cfg.widths,
-            diff_input=cfg.diff_input,
-            skip=cfg.skip,
-            context=cfg.context,
-            aux_depth=cfg.depth_aux_weight > 0,
-            channels_last=cfg.channels_last,
-        )
-        weights = {k: getattr(cfg, k) for k in LOSS_WEIGHTS}
-        loss_cfg = LossConfig(**weights)
-    except ValueError as e:
-        raise TrainError(str(e)) from e
-    model = UNet(unet_cfg).to(rt.device, memory_format=rt.memory_format)
-    return model, MaskDepthLoss(loss_cfg).to(rt.device), unet_cfg
-
-
-def build_state(
-    cfg: TrainConfig,
-    rt: Runtime,
-    run: RunDir,
-    channels: int,
-    loader_cfg: LoaderConfig,
-    steps: int = 1,
-) -> TrainState:
-    """Model, loss, optimizer, schedule (over ``steps`` per epoch); restored from --resume's
-    last.pt or from --weights."""
-    model, loss_fn, unet_cfg = build_model(cfg, channels, loader_cfg, rt)
-    optimizer, scheduler = build_optimizer(cfg, model, steps)
-    train_model = distributed.wrap_ddp(model, rt)
-    state = TrainState(
-        model, train_model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg, asdict(cfg)
-    )
-    state.global_batch = cfg.batch_size * rt.world_size
-    if cfg.resume or cfg.weights:
-        path = run.last if cfg.resume else Path(cfg.weights)
-        # Other ranks keep their own seed + rank random streams.
-        state.restore(path, resume=cfg.resume, resume_keys=FIXED_ON_RESUME, rng=rt.is_main)
-        if cfg.resume and rt.is_main:
-            within = f", {state.position} samples into the next" if state.position else ""
-            print(f"resumed from {path} after epoch {state.epochs_done}{within}")
-    return state
 
 
 def train_one_epoch(
@@ -312,12 +247,10 @@ def train_one_epoch(
     iterator = iter(loader.epoch(epoch, state.position))
     samples = (total - done) * cfg.batch_size
     bar = logger.progress(samples, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="sample")
-    stops = StopCheck(rt, total - done)  # a failure on one rank stops every rank
+    stops = StopCheck(rt, lambda: zero_batch(state.unet_cfg, cfg.batch_size, rt))
     with bar:
         for step in range(done, total):
-            batch = stops.next_batch(timer, iterator, step - done, requested())
-            if batch is None:
-                break
+            batch = stops.next_batch(timer, iterator)
             # An exception in here (out of memory) is not agreed on: the others are already in
             # this step's DDP collectives. torchrun ends them; srun needs --kill-on-bad-exit.
             out = train_step(model, state.loss_fn, optimizer, batch, rt)
@@ -327,28 +260,32 @@ def train_one_epoch(
             totals.add(out.losses, out.samples)
             bar.update(out.samples)
             gpu.step(step)
-            if (step + 1) % cfg.log_interval == 0 or step + 1 == total:
-                # note: .item() is a CPU-GPU sync point, so it happens only at log steps
-                values = {k: out.losses[k].item() for k in LOSS_PARTS}
-                if not math.isfinite(values["loss"]):
-                    where = f"loss is {values['loss']} at epoch {epoch + 1} step {step + 1}"
-                    stops.fail(diverged(where, RunDir(Path(cfg.out)).last))
+            last = step + 1 == total  # the epoch's end is agreed on in stops.finish
+            logged = (step + 1) % cfg.log_interval == 0 or last
+            if logged:
+                values = read_losses(out.losses)  # the step's one device sync, at log steps
+                if bad := [k for k in ("loss", "depth_aux") if not math.isfinite(values[k])]:
+                    where = f"{bad[0]} is {values[bad[0]]} at epoch {epoch + 1} step {step + 1}"
+                    stops.fail(diverged(where, run.last))
                 lr = optimizer.param_groups[0]["lr"]
                 logger.step(epoch, step, total, values, lr, window.read(), bar)
-            if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 < total - step - 1:
+            saving = bool(cfg.checkpoint_every) and (step + 1) % cfg.checkpoint_every == 0
+            if not last and stops.due(logged, saving) and stops.agree(requested()):
+                break
+            if saving and not last:  # after the agreement: never a state another rank spoiled
                 distributed.on_main(rt, run.save_position, state)
-    stops.finish()
     if stops.stopped:
         distributed.on_main(rt, run.save_position, state)
         raise Stopped(epoch, state.position, run.last)
+    means, samples = totals.means(stops.finish(totals.sums))
     state.position = 0  # the epoch is done
-    means, samples = totals.means(rt)
     rates = training_rates(samples, timer.train_s, timer.data_s)
     return {**means, "lr": optimizer.param_groups[0]["lr"], "samples": samples, **rates}, timer
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
-    """Run training (or ``--test-only`` evaluation); returns the final test metrics."""
+    """Run training (or ``--test-only`` evaluation); returns the final test metrics: the last
+    epoch's evaluation (one evaluation where no epoch runs)."""
     cfg = parse_args(argv)
     rt = setup_runtime(cfg.device, cfg.seed, cfg.amp, cfg.channels_last)
     run = RunDir(Path(cfg.out))
@@ -357,33 +294,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         # The data is checked first, so a mistyped --data leaves no run directory behind.
         train_loader, test_loader, loader_cfg = build_loaders(cfg, rt)
         config = resolved_config(asdict(cfg), rt, train_loader)  # what "auto" became here
-        if rt.is_main:
-            print(json.dumps(config, indent=2))
         # Every rank takes the same steps (pipeline.order), so all step with the same lr.
         steps = min(len(train_loader), cfg.max_batches or len(train_loader))
         state = build_state(cfg, rt, run, train_loader.channels, loader_cfg, steps)
-        run.prepare(config, cfg.resume, cfg.overwrite, rt)  # after the checkpoint's checks
+        run.prepare(config, cfg.resume, cfg.overwrite, rt, cfg.test_only)  # after checkpoints
+        if rt.is_main:  # once the run directory is accepted: a refusal is its one line alone
+            print("\n".join([json.dumps(config, indent=2), *state.notes]))
         tb_dir = run.path / "tb" if rt.is_main else None
         logger = cleanup.enter_context(MetricLogger(tb_dir, steps, state.epochs_done))
         profiling = cfg.profile == "cprofile" and rt.is_main
         profiler = cleanup.enter_context(cProfile.Profile()) if profiling else None
         epochs = range(0) if cfg.test_only else range(state.epochs_done, cfg.epochs)
-        preview, final = (cfg.figure_samples if rt.is_main else 0), None
+        preview, evaluated = (cfg.figure_samples if rt.is_main else 0), None
         if epochs:  # traced before the GPU monitor attaches its memory hooks
             logger.graph(state.model, state.unet_cfg, rt.device)
         watch = {"enabled": rt.is_main and bool(epochs), "profile": cfg.profile == "torch"}
+        watch.update(layers=not cfg.compile)
         watch.update(logger=logger, log_interval=cfg.log_interval, note=print)
         watching = monitor.gpu_monitor(state.model, rt.device, run.path, **watch)
-        # SIGINT/SIGTERM stop at the next step's start, or after the epoch in hand is saved.
+        # SIGINT/SIGTERM stop at an agreed step, or after the epoch in hand is saved.
         with watching as gpu, stop_requests() as requested:
             clock = EpochClock()
             for epoch in epochs:
                 train, timer = train_one_epoch(
                     state, train_loader, epoch, cfg, rt, logger, gpu, run, requested
                 )
-                distributed.sync_buffers(state.model, rt)
+                distributed.sync_buffers(state.model, rt)  # rank 0's BatchNorm statistics
                 with clock.evaluating():  # eval_s in timings.csv
-                    test, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
+                    evaluated = evaluate(state, test_loader, cfg.max_batches, rt, preview)
+                test, shown = evaluated
                 if not (math.isfinite(train["loss"]) and math.isfinite(test["loss"])):
                     losses = f"train {train['loss']}, test {test['loss']}"
                     where = f"loss is not finite after epoch {epoch + 1} ({losses})"
@@ -394,11 +333,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 if rt.is_main:
                     grid = figures.preview_grid(shown, loader_cfg) if shown else None
                     logger.epoch(record, is_best, grid, state.model if cfg.histograms else None)
-                distributed.on_main(rt, run.save_epoch, state, is_best)  # or every rank stops
-                if distributed.agree(None, rt, requested()):
+                # Saved by rank 0, or every rank stops; a stop request is agreed on with it.
+                if distributed.on_main(rt, run.save_epoch, state, is_best, done=requested()):
                     raise Stopped(epoch + 1, 0, run.last)
-        # the final evaluation, capped by --max-batches like every other
-        final, shown = evaluate(state, test_loader, cfg.max_batches, rt, preview)
+        # The last epoch's evaluation is the result; --test-only (or no epoch left) evaluates.
+        final, shown = evaluated or evaluate(state, test_loader, cfg.max_batches, rt, preview)
         if rt.is_main:
             run.write_results(final, state, shown)
             logger.summary(final, state.history, run.path)

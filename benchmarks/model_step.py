@@ -3,11 +3,16 @@
 Usage: ``python -m benchmarks.model_step [--device cpu|cuda] [--batch-size N] [--steps N]
 [--warmup N] [--compile] [--json PATH] [--overwrite]``
 
-A step is forward, MaskDepthLoss, backward and an SGD update on random tensors, so the
-figures measure the model alone, with no data loading. bf16 autocast is timed on CUDA only.
-samples/s comes from the median step time; the JSON also records the mean and the 1-minute
-load average, since other processes on a shared machine skew CPU timings. ``--compile`` also
-times torch.compile, whose first steps compile for minutes on a CPU.
+The model is the default recipe's (``UNetConfig()``: its widths, difference input, add
+skips, context blocks and the aux depth heads, which training runs), and a step is the one
+train.py runs (``training.step.train_step``: forward, MaskDepthLoss with the recipe's
+weights, backward, the recipe's AdamW) on random tensors, so the figures measure the model
+alone, with no data loading; the first output line and the JSON say which model. bf16
+autocast is timed on CUDA only. samples/s comes from the median step time; the JSON also
+records the mean and the 1-minute load average, since other processes on a shared machine
+skew CPU timings. ``--compile`` also times torch.compile (eager against compiled, in each
+dtype) in channels_last, the layout train.py runs; its first steps compile for minutes on a
+CPU.
 """
 
 from __future__ import annotations
@@ -24,30 +29,33 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from benchmarks.loaders import load_average
 from benchmarks.report import missing_dir, write_report
-from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
-from training.distributed import DeviceError, resolve_device
+from model import MaskDepthLoss, UNet, UNetConfig
+from training.distributed import DeviceError, Runtime, resolve_device
+from training.recipe import build_optimizer, recipe_values
+from training.step import train_step
 
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 _PROG = "python -m benchmarks.model_step"
 
 
-def make_batch(cfg: UNetConfig, batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Random input and targets of the shapes the pipeline delivers."""
+def make_batch(cfg: UNetConfig, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A random batch of the shapes the pipeline delivers (bg, fg_bg, mask, depth)."""
     generator = torch.Generator().manual_seed(0)
-    x = torch.rand(
-        batch_size, cfg.input_channels, cfg.mask_size, cfg.mask_size, generator=generator
-    )
-    mask = (
-        torch.rand(batch_size, 1, cfg.mask_size, cfg.mask_size, generator=generator) > 0.5
-    ).float()
-    depth = torch.rand(batch_size, 1, cfg.depth_size, cfg.depth_size, generator=generator)
-    return x.to(device), mask.to(device), depth.to(device)
+    image = (batch_size, cfg.in_channels, cfg.mask_size, cfg.mask_size)
+    batch = {
+        "bg": torch.rand(image, generator=generator),
+        "fg_bg": torch.rand(image, generator=generator),
+        "mask": torch.rand(batch_size, 1, *image[2:], generator=generator) > 0.5,
+        "depth": torch.rand(batch_size, 1, cfg.depth_size, cfg.depth_size, generator=generator),
+    }
+    return {k: v.float().to(device) for k, v in batch.items()}
 
 
 def time_config(
@@ -59,24 +67,19 @@ def time_config(
     steps: int,
     warmup: int,
 ) -> dict:
-    """Samples/s (and CUDA peak memory) of forward+backward+SGD in one configuration."""
+    """Samples/s (and CUDA peak memory) of train.py's training step in one configuration."""
     torch.manual_seed(0)
     memory_format = LAYOUTS[layout]
-    cfg = UNetConfig(channels_last=layout == "channels_last")
-    model = UNet(cfg).to(device)
-    loss_fn = MaskDepthLoss(LossConfig()).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, mask, depth = make_batch(cfg, batch_size, device)
-    x = x.contiguous(memory_format=memory_format)
+    cfg = model_config(layout)
+    model = UNet(cfg).to(device, memory_format=memory_format)
+    loss_fn = MaskDepthLoss().to(device)  # the default recipe's weights
+    optimizer, _ = build_optimizer(recipe_values(), model)
+    rt = Runtime(device=device, amp=dtype == "bf16", memory_format=memory_format)
+    batch = make_batch(cfg, batch_size, device)
     forward = torch.compile(model) if compiled else model
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            mask_logits, depth_pred = forward(x)
-            loss = loss_fn(mask_logits, depth_pred, mask, depth)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(forward, loss_fn, optimizer, batch, rt)
 
     def sync() -> None:
         # CUDA kernels are asynchronous: without a sync the clock would stop early.
@@ -109,6 +112,19 @@ def time_config(
         "step_ms_median": 1000 * median,
         "peak_mem_bytes": peak,
     }
+
+
+def model_config(layout: str = "channels_last") -> UNetConfig:
+    """The default recipe's model, the one timed."""
+    return UNetConfig(channels_last=layout == "channels_last")
+
+
+def configurations(device: torch.device, compile_too: bool) -> list[tuple[str, str, bool]]:
+    """``(layout, dtype, compiled)`` to time: eager in every layout and dtype, compiled in
+    channels_last (train.py's layout) in every dtype."""
+    dtypes = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
+    eager = [(layout, dtype, False) for dtype in dtypes for layout in LAYOUTS]
+    return eager + [("channels_last", dtype, True) for dtype in dtypes if compile_too]
 
 
 def cpu_name() -> str:
@@ -211,41 +227,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{_PROG}: error: {problem}", file=sys.stderr)
         return 1
     device = torch.device(args.device)
-    dtypes = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
+    print(f"model: {model_config().describe()} (the default recipe's)", flush=True)
     if device.type == "cpu":
         print("note: bf16 autocast is timed on CUDA only; skipped on CPU")
-    compile_modes = [False, True] if args.compile else [False]
     results = []
-    for compiled in compile_modes:
-        for dtype in dtypes:
-            for layout in LAYOUTS:
-                # Progress, since one configuration can take minutes (compiling, a busy CPU).
-                compiling = " (compiling first: minutes on a CPU)" if compiled else ""
-                print(f"timing {layout} {dtype} compile={compiled}{compiling} ...", flush=True)
-                try:
-                    row = time_config(
-                        layout, dtype, compiled, device, args.batch_size, args.steps, args.warmup
-                    )
-                # Broad on purpose: Inductor fails in many ways (no compiler, unsupported op,
-                # backend crash) and one failed mode should not lose the eager figures.
-                except Exception as err:
-                    if not compiled:
-                        raise
-                    first_line = (str(err).strip().splitlines() or [""])[0]
-                    reason = f"{type(err).__name__}: {first_line}"
-                    print(f"torch.compile failed ({layout}, {dtype}): {reason}")
-                    row = {
-                        "layout": layout,
-                        "dtype": dtype,
-                        "compile": True,
-                        "samples_per_s": None,
-                        "samples_per_s_mean": None,
-                        "step_ms_median": None,
-                        "peak_mem_bytes": None,
-                        "error": reason,
-                    }
-                results.append(row)
-                print(f"measured {layout} {dtype} compile={compiled}", flush=True)
+    for layout, dtype, compiled in configurations(device, args.compile):
+        # Progress, since one configuration can take minutes (compiling, a busy CPU).
+        compiling = " (compiling first: minutes on a CPU)" if compiled else ""
+        print(f"timing {layout} {dtype} compile={compiled}{compiling} ...", flush=True)
+        try:
+            row = time_config(
+                layout, dtype, compiled, device, args.batch_size, args.steps, args.warmup
+            )
+        # Broad on purpose: Inductor fails in many ways (no compiler, unsupported op,
+        # backend crash) and one failed mode should not lose the eager figures.
+        except Exception as err:
+            if not compiled:
+                raise
+            first_line = (str(err).strip().splitlines() or [""])[0]
+            reason = f"{type(err).__name__}: {first_line}"
+            print(f"torch.compile failed ({layout}, {dtype}): {reason}")
+            row = {
+                "layout": layout,
+                "dtype": dtype,
+                "compile": True,
+                "samples_per_s": None,
+                "samples_per_s_mean": None,
+                "step_ms_median": None,
+                "peak_mem_bytes": None,
+                "error": reason,
+            }
+        results.append(row)
+        print(f"measured {layout} {dtype} compile={compiled}", flush=True)
     print(format_table(results))
     timed = [row for row in results if row["samples_per_s"] is not None]
     fastest = max(timed, key=lambda row: row["samples_per_s"])
@@ -260,7 +273,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batch_size": args.batch_size,
                 "steps": args.steps,
                 "warmup": args.warmup,
-                "model": {"widths": list(UNetConfig().widths), "in_channels": 3},
+                "model": {
+                    "recipe": "default",
+                    "description": model_config().describe(),
+                    **asdict(model_config()),
+                },
+                "step": "training.step.train_step with the default recipe's loss and optimizer",
             },
             "results": results,
             "fastest": {k: fastest[k] for k in ("layout", "dtype", "compile", "samples_per_s")},

@@ -47,6 +47,7 @@ from model import MaskDepthMetrics, UNet, UNetConfig, count_parameters
 from pipeline import LoaderConfig, LoaderError, build_loader
 from sharding.build import ShardConfig, build
 from sharding.synth import SynthConfig, SynthError, generate
+from training.checkpoint import saved_model_config
 from training.options import positive_int
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,8 +170,7 @@ def training_seconds(run: Path) -> dict[str, float]:
 def parameters(run: Path) -> int:
     """Parameters of the model the run trained, from its last checkpoint's model_config."""
     saved = torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
-    model_cfg = saved["model_config"]
-    return count_parameters(UNet(UNetConfig(**{**model_cfg, "widths": tuple(model_cfg["widths"])})))
+    return count_parameters(UNet(UNetConfig(**saved_model_config(saved))))
 
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:

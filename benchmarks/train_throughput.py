@@ -5,11 +5,14 @@ Usage: ``python -m benchmarks.train_throughput --data DIR [--json PATH] [--batch
 [--device auto|cpu|cuda]``
 
 Each loader (torch, dali-cpu, and dali-gpu when CUDA is there) feeds the training step that
-train.py runs (``training.step``: forward, loss, backward, SGD step, timed by its
-``StepTimer`` with a device sync); "synthetic" repeats one batch already in memory, so its
-samples/s is what the model alone allows. data_wait_share is the fraction of the wall time
-spent blocked on the next batch. Each is timed after ``--warmup`` untimed steps, which pay for
-the allocator, the pipeline's start-up and the prefetch queue it filled for free.
+train.py runs (``training.step``: forward, loss, backward and the recipe's optimizer step,
+timed by its ``StepTimer`` with a device sync) on the default recipe's model (``UNetConfig``
+with ``--widths``: difference input, add skips, context, aux depth heads) and loss, which
+the first line and the JSON's ``model`` name; "synthetic" repeats one batch already in
+memory, so its samples/s is what the model alone allows. data_wait_share is the fraction of
+the wall time spent blocked on the next batch. Each is timed after ``--warmup`` untimed
+steps, which pay for the allocator, the pipeline's start-up and the prefetch queue it filled
+for free.
 """
 
 from __future__ import annotations
@@ -25,16 +28,18 @@ import platform
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.report import missing_dir, write_report
-from model import LossConfig, MaskDepthLoss, UNet, UNetConfig
+from model import MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from training.distributed import DEVICES, DeviceError, Runtime, resolve_device
 from training.options import widths_type
+from training.recipe import build_optimizer, recipe_values
 from training.step import StepTimer, train_step
 
 PROG = "python -m benchmarks.train_throughput"
@@ -98,9 +103,9 @@ def time_steps(
 ) -> dict[str, float]:
     """Samples/s and data-wait share of ``count`` training steps after ``warmup`` untimed ones."""
     torch.manual_seed(0)
-    model = UNet(UNetConfig(in_channels=channels, widths=widths)).to(rt.device)
-    loss_fn = MaskDepthLoss(LossConfig()).to(rt.device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model = UNet(model_config(channels, widths)).to(rt.device, memory_format=rt.memory_format)
+    loss_fn = MaskDepthLoss().to(rt.device)  # the default recipe's weights
+    optimizer, _ = build_optimizer(recipe_values(), model)
     # The first steps pay for the allocator, the pipeline's start-up, and are fed from a
     # prefetch queue that filled for free: none of that is the steady rate.
     for _ in range(warmup):
@@ -120,6 +125,11 @@ def time_steps(
     }
 
 
+def model_config(channels: int, widths: tuple[int, ...]) -> UNetConfig:
+    """The default recipe's model for ``channels`` per image, at ``widths``."""
+    return UNetConfig(in_channels=channels, widths=widths)
+
+
 def synthetic(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """The same batch forever: no decoding, no augmentation, no copies."""
     while True:
@@ -131,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     rt = Runtime(device=device, amp=device.type == "cuda", memory_format=torch.channels_last)
     results: dict[str, dict[str, float]] = {}
-    first_batch = None
+    first_batch, model = None, None
     for name, (backend, device) in loader_variants(rt.device).items():
         cfg = LoaderConfig(
             backend=backend, device=device, batch_size=args.batch_size, num_threads=args.num_threads
@@ -142,6 +152,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{name}: skipped ({str(e).splitlines()[0]})")
             continue
         batches = endless(loader)
+        if model is None:
+            model = model_config(loader.channels, args.widths)
+            own = "" if args.widths == UNetConfig().widths else " at these --widths"
+            print(f"model: {model.describe()} (the default recipe's{own})", flush=True)
         results[name] = time_steps(
             batches, args.batches, rt, loader.channels, args.widths, args.warmup
         )
@@ -158,7 +172,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["synthetic"] = time_steps(
             synthetic(in_memory), args.batches, rt, channels, args.widths, args.warmup
         )
-    return {"machine": machine(rt.device), "config": vars(args), "results": results}
+    described = {"description": model.describe(), **asdict(model)} if model else None
+    return {
+        "machine": machine(rt.device),
+        "config": vars(args),
+        "model": described,
+        "results": results,
+    }
 
 
 def machine(device: torch.device) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim
 from torch import nn
 
+from model.recipes import DEFAULT, RECIPES
+
 # pytorch_msssim's defaults; an 11-pixel window fits the 80x80 depth map with room to spare.
 SSIM_WIN_SIZE = 11
 SSIM_WIN_SIGMA = 1.5
@@ -34,15 +36,16 @@ class LossConfig:
     + depth_aux_weight * aux``, where ``aux`` is :func:`aux_depth_loss` of the model's
     auxiliary depth maps (``UNet.forward(x, aux=True)``).
 
-    The defaults are the reference solution's loss, ``2 * bce + (1 - ssim)``.
+    The defaults are the ``default`` recipe's (:mod:`model.recipes`); the reference
+    solution's loss, ``2 * bce + (1 - ssim)``, is ``RECIPES["reference"]``'s.
     """
 
-    mask_weight: float = 2.0
-    depth_weight: float = 1.0
-    dice_weight: float = 0.0
-    depth_l1_weight: float = 0.0
-    depth_grad_weight: float = 0.0
-    depth_aux_weight: float = 0.0
+    mask_weight: float = DEFAULT["mask_weight"]
+    depth_weight: float = DEFAULT["depth_weight"]
+    dice_weight: float = DEFAULT["dice_weight"]
+    depth_l1_weight: float = DEFAULT["depth_l1_weight"]
+    depth_grad_weight: float = DEFAULT["depth_grad_weight"]
+    depth_aux_weight: float = DEFAULT["depth_aux_weight"]
 
     def __post_init__(self) -> None:
         weights = {k: getattr(self, k) for k in LOSS_WEIGHTS}
@@ -53,9 +56,11 @@ class LossConfig:
                 "getting worse"
             )
         if not any(weights.values()):
+            reference = RECIPES["reference"]
             raise ValueError(
                 f"{', '.join(LOSS_WEIGHTS)} are all 0, so the loss is constant; set at least "
-                "one above 0 (defaults: mask_weight=2.0, depth_weight=1.0)"
+                f"one above 0 (the reference loss: mask_weight={reference['mask_weight']}, "
+                f"depth_weight={reference['depth_weight']})"
             )
 
 
@@ -146,11 +151,13 @@ class MaskDepthLoss(nn.Module):
     + depth_weight * (1 - SSIM(depth)) + depth_l1_weight * L1(depth)
     + depth_grad_weight * depth_gradient_l1(depth) + depth_aux_weight * aux_depth_loss(aux)``.
 
-    ``forward`` returns a dict of scalar tensors: ``loss`` (the total to backpropagate) and
-    the unweighted terms ``mask_bce``, ``mask_dice_loss``, ``depth_ssim_loss``, ``depth_l1``,
-    ``depth_grad`` and ``depth_aux`` (0 without ``aux_depths``) for logging; every term is
-    computed even at weight 0 so logs compare across recipes. Move the module to the training
-    device so the SSIM window is not copied there every step.
+    ``forward`` returns a dict of scalar tensors: ``objective`` (the total to backpropagate),
+    ``loss`` (the same total without the auxiliary term: the loss of the model's two outputs,
+    which training and evaluation both log, so the two compare) and the unweighted terms
+    ``mask_bce``, ``mask_dice_loss``, ``depth_ssim_loss``, ``depth_l1``, ``depth_grad`` and
+    ``depth_aux`` (0 without ``aux_depths``) for logging; every term is computed even at
+    weight 0 so logs compare across recipes. Move the module to the training device so the
+    SSIM window is not copied there every step.
     """
 
     def __init__(self, cfg: LossConfig | None = None) -> None:
@@ -189,9 +196,9 @@ class MaskDepthLoss(nn.Module):
             + c.depth_grad_weight * depth_grad
         )
         depth_aux = aux_depth_loss(aux_depths, depth_true, c.depth_grad_weight, self.ssim_win)
-        if aux_depths:
-            total = total + c.depth_aux_weight * depth_aux
+        objective = total + c.depth_aux_weight * depth_aux if aux_depths else total
         return {
+            "objective": objective,
             "loss": total,
             "mask_bce": mask_bce,
             "mask_dice_loss": mask_dice_loss,

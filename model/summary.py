@@ -2,6 +2,10 @@
 
 Usage: ``python -m model.summary [--json] [--in-channels N]``
 
+The model is the default recipe's (``UNetConfig()``), aux depth heads included: their
+parameters count, but they run in training only, so the MACs (inference, a batch of one)
+leave them out; the first line (and ``model`` in the JSON) says which model it is.
+
 MACs come from thop on a batch of one. thop counts convolutions as multiply-accumulates
 and also adds its own estimates for BatchNorm (4 ops per element) and bilinear upsampling
 (11 per output element); ReLU, max-pool, concatenation and the final sigmoid count as 0.
@@ -69,7 +73,9 @@ def summarize(cfg: UNetConfig | None = None) -> dict:
         for name, block in _block_names(model)
     ]
     return {
+        "model": cfg.describe(),
         "params": count_parameters(model),
+        "aux_params": count_parameters(model.aux_heads),  # training only
         "trainable_params": count_parameters(model, trainable_only=True),
         "macs": macs,
         "input": list(example.shape),
@@ -81,6 +87,10 @@ def summarize(cfg: UNetConfig | None = None) -> dict:
             "mask_size": cfg.mask_size,
             "depth_size": cfg.depth_size,
             "channels_last": cfg.channels_last,
+            "diff_input": cfg.diff_input,
+            "skip": cfg.skip,
+            "context": cfg.context,
+            "aux_depth": cfg.aux_depth,
         },
     }
 
@@ -88,6 +98,7 @@ def summarize(cfg: UNetConfig | None = None) -> dict:
 def format_summary(summary: dict) -> str:
     """Human-readable table of a ``summarize`` result."""
     lines = [
+        f"model   {summary['model']}",
         f"input   {summary['input']}  (bg and fg_bg concatenated on channels)",
         f"mask    {summary['outputs']['mask']}  (logits)",
         f"depth   {summary['outputs']['depth']}  (sigmoid, in [0, 1])",
@@ -100,8 +111,13 @@ def format_summary(summary: dict) -> str:
         f"{'total':<14}{summary['params']:>12,}{summary['macs']:>16,}",
         "",
         f"params            {summary['params']:,} ({summary['trainable_params']:,} trainable)",
-        f"MACs per sample   {summary['macs']:,} (thop, batch of 1)",
+        f"MACs per sample   {summary['macs']:,} (thop, batch of 1, inference)",
     ]
+    if summary["aux_params"]:
+        lines.append(
+            f"aux depth heads   {summary['aux_params']:,} of the params; they run in training "
+            "only, so the MACs leave them out"
+        )
     return "\n".join(lines)
 
 
@@ -114,7 +130,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the summary of the default UNet (or ``--in-channels`` variant)."""
+    """Print the summary of the default recipe's UNet (or its ``--in-channels`` variant)."""
     parser = _OneLineParser(prog="python -m model.summary", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument(

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from model.recipes import DEFAULT
 from sharding.shard_format import GEOMETRY, Geometry
 
 # The faster layout in every CPU timing of benchmarks/model_step.py (forward, loss, backward,
@@ -41,7 +42,7 @@ class UNetConfig:
         diff_input: the stem also sees ``fg_bg - bg`` and ``|fg_bg - bg|`` (4C channels in
             all). The mask is mostly "where do the two images differ", and a network given
             only the two images leaves holes where the object's grey matches the background.
-            False (the default, and what checkpoints without the field were) keeps 2C.
+            False (what checkpoints without the field were) keeps 2C.
         channels_last: keep weights and activations in NHWC; faster on CPU and CUDA.
         skip: how a decoder stage merges the encoder's skip. ``"concat"`` (the classic
             UNet, and what checkpoints without the field were) upsamples the deeper level
@@ -58,22 +59,25 @@ class UNetConfig:
             the bottleneck and the depth head (20x20 and 40x40 at the default sizes), so
             where a room's floor starts is learnt at the coarse levels, not only through
             the upsamplings above them. ``forward(x, aux=True)`` returns their maps; they
-            are for the training loss and cost nothing at inference. False (the default,
-            and what checkpoints without the field were) builds none.
+            are for the training loss and cost nothing at inference. False (what
+            checkpoints without the field were) builds none.
 
-    The size defaults are the dataset's (``sharding.shard_format.GEOMETRY``), as are the
-    loader's; ``UNetConfig.for_geometry(loader_cfg.geometry, ...)`` ties a model to a loader.
+    The model fields default to the ``default`` training recipe's (:mod:`model.recipes`), aux
+    heads included since that recipe weighs them; checkpoints without a field are read with
+    the value they ran with (``training.checkpoint.saved_model_config``). The size defaults
+    are the dataset's (``sharding.shard_format.GEOMETRY``), as are the loader's;
+    ``UNetConfig.for_geometry(loader_cfg.geometry, ...)`` ties a model to a loader.
     """
 
     in_channels: int = 3
-    widths: tuple[int, ...] = (16, 32, 64, 128, 256)
+    widths: tuple[int, ...] = DEFAULT["widths"]
     mask_size: int = GEOMETRY.image_size
     depth_size: int = GEOMETRY.depth_size
-    diff_input: bool = False
+    diff_input: bool = DEFAULT["diff_input"]
     channels_last: bool = True
-    skip: str = "concat"
-    context: bool = False
-    aux_depth: bool = False
+    skip: str = DEFAULT["skip"]
+    context: bool = DEFAULT["context"]
+    aux_depth: bool = DEFAULT["depth_aux_weight"] > 0
 
     @classmethod
     def for_geometry(cls, geometry: Geometry, **fields: Any) -> UNetConfig:
@@ -137,6 +141,18 @@ class UNetConfig:
     def stem_channels(self) -> int:
         """Channels the stem convolves: the input, plus its difference maps with ``diff_input``."""
         return 2 * self.input_channels if self.diff_input else self.input_channels
+
+    def describe(self) -> str:
+        """One line naming the model, for benchmark output and reports."""
+        levels = self.aux_levels
+        sizes = ", ".join(f"{self.mask_size >> lv}x{self.mask_size >> lv}" for lv in levels)
+        return (
+            f"UNet widths {','.join(map(str, self.widths))}, in_channels {self.in_channels}, "
+            f"{'diff input' if self.diff_input else 'plain input'}, {self.skip} skips, "
+            f"{'context blocks' if self.context else 'no context'}, "
+            + (f"aux depth heads at {sizes} (training only)" if levels else "no aux depth heads")
+            + f", mask {self.mask_size}x{self.mask_size}, depth {self.depth_size}x{self.depth_size}"
+        )
 
     @property
     def memory_format(self) -> torch.memory_format:

@@ -11,7 +11,10 @@ FAULT is what goes wrong on rank RANK only, by monkeypatching the real code ther
   ``agree``: that rank raises it with its traceback, the others stop with its one line);
 - ``save``: writing a checkpoint fails with "No space left on device";
 - ``sigint``: a real SIGINT to this rank's own process after its second training step, as
-  Ctrl-C would send (RANK ``all``: to every rank).
+  Ctrl-C would send (RANK ``all``: to every rank);
+- ``sigint-launcher``: a real SIGINT to torchrun (this rank's parent) after the second
+  training step, as Ctrl-C in torchrun's terminal sends it (only torchrun: its workers run
+  in sessions of their own).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import math
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -39,8 +43,7 @@ def poison_loss_from_second_step() -> None:
             real_loss = loss_fn
 
             def loss_fn(*args):
-                losses = real_loss(*args)
-                return {**losses, "loss": losses["loss"] * math.nan}
+                return {k: v * math.nan for k, v in real_loss(*args).items()}
 
         return real_step(model, loss_fn, optimizer, batch, rt)
 
@@ -73,14 +76,14 @@ def full_disk() -> None:
     torch.save = save
 
 
-def interrupt_after_second_step() -> None:
+def interrupt_after_second_step(pid: Callable[[], int] = os.getpid) -> None:
     real_step, calls = train.train_step, []
 
     def step(*args):
         result = real_step(*args)
         calls.append(None)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(pid(), signal.SIGINT)
         return result
 
     train.train_step = step
@@ -93,6 +96,7 @@ FAULTS = {
     "eval-step": out_of_memory_in_evaluation,
     "save": full_disk,
     "sigint": interrupt_after_second_step,
+    "sigint-launcher": lambda: interrupt_after_second_step(os.getppid),
 }
 
 if __name__ == "__main__":

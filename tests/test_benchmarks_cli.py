@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from benchmarks import dali_startup, loaders, model_step, train_throughput
+from model import UNetConfig
 from pipeline import preview
 from pipeline.loader import dali_available
 from tests.conftest import omp_policy_when_torch_loads, snapshot
@@ -76,10 +77,23 @@ def test_model_step_compiles_only_when_asked(capsys):
     argv = ["--batch-size", "1", "--steps", "1", "--warmup", "0", "--no-compile"]
     assert model_step.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
+    # It times the default recipe's model, aux heads included, and says so first.
+    assert out[0] == f"model: {UNetConfig().describe()} (the default recipe's)"
+    assert "aux depth heads at 20x20, 40x40" in out[0]
     # A line before each configuration, so a long one (compiling) is not silence.
     for layout in model_step.LAYOUTS:
         started = out.index(f"timing {layout} fp32 compile=False ...")
         assert out[started + 1] == f"measured {layout} fp32 compile=False"
+
+
+def test_model_step_times_eager_and_compiled_in_each_dtype():
+    """make gpu-check's --compile: eager and compiled in fp32 and bf16 (compiled in
+    channels_last, the layout train.py runs), eager only without it."""
+    cuda = model_step.configurations(torch.device("cuda"), compile_too=True)
+    compiled = [(dtype, c) for layout, dtype, c in cuda if layout == "channels_last"]
+    assert sorted(compiled) == [("bf16", False), ("bf16", True), ("fp32", False), ("fp32", True)]
+    cpu = model_step.configurations(torch.device("cpu"), compile_too=False)
+    assert cpu == [("contiguous", "fp32", False), ("channels_last", "fp32", False)]
 
 
 def test_train_throughput_times_only_after_the_warmup():
@@ -112,6 +126,9 @@ def test_train_throughput_says_when_too_few_batches_are_timed(tiny_shards, tmp_p
     assert train_throughput.main(argv) == 0
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and "--batches 10 or more" in notes[0]
+    model = json.loads(out.read_text())["model"]  # the default recipe's, at these widths
+    assert (model["widths"], model["diff_input"], model["skip"]) == ([4, 8, 16], True, "add")
+    assert model["description"] == UNetConfig(in_channels=1, widths=(4, 8, 16)).describe()
     results = json.loads(out.read_text())["results"]
     assert {"torch", "synthetic"} <= results.keys()
     assert all(r["timed_batches"] == 1 and r["warmup_batches"] == 1 for r in results.values())

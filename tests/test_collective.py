@@ -1,8 +1,10 @@
-"""A failure on one rank stops every rank with the same one line, and nothing hangs.
+"""A failure on one rank stops every rank with the same one line, nothing hangs, and the
+ranks talk to each other rarely: at most one host collective per 5 training steps.
 
 The end-to-end cases run train.py under real torchrun (2 gloo processes on the CPU) through
 ``tests/fault_rank.py``, which injects one fault on one rank by monkeypatching, in training
-or in the evaluation after it. torchrun's
+or in the evaluation after it, and ``tests/count_collectives.py``, which counts the calls of
+torch.distributed's collectives on each rank. torchrun's
 ``--tee 3`` prefixes each rank's lines with ``[defaultR]:``, so the test reads both ranks'
 output apart. The collective itself (:func:`training.distributed.agree`) is also checked
 with two real gloo processes started by ``torch.multiprocessing``, and a single process
@@ -11,6 +13,7 @@ with two real gloo processes started by ``torch.multiprocessing``, and a single 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -52,8 +55,9 @@ def rank_errors(stderr: str, rank: int) -> list[str]:
     return re.findall(rf"\[default{rank}\]:(train\.py: error: [^\r\n]*)", stderr)
 
 
-def torchrun_fault(fault: str, rank: int, shards: Path, out: Path):
-    """train.py for one tiny epoch under torchrun, with ``fault`` injected on ``rank`` only."""
+def torchrun_fault(fault: str, rank: int, shards: Path, out: Path, *options: str):
+    """train.py for one tiny epoch under torchrun, with ``fault`` injected on ``rank`` only;
+    ``options`` go last, so they override the ones here."""
     # A long monitor interval: torchrun must not be what ends the rank without the fault.
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee", "3")
     return run_cli(
@@ -65,6 +69,7 @@ def torchrun_fault(fault: str, rank: int, shards: Path, out: Path):
         str(rank),
         *("--data", str(shards), "--epochs", "1", "--out", str(out), "--log-interval", "1"),
         *TINY_RUN,
+        *options,
         timeout=240,  # a rank left waiting in an all-reduce would wait 30 minutes
     )
 
@@ -81,6 +86,46 @@ def test_fault_on_one_rank_stops_both_with_the_same_line(fault, tiny_shards, tmp
     assert expected in errors[0][0]
     # Nothing half-written: the run failed in its first epoch, so no checkpoint at all.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []
+
+
+def test_a_loader_fault_between_log_steps_is_agreed_on_before_any_save(tiny_shards, tmp_path):
+    """Rank 1 cannot read its second batch (step 2); the ranks next agree at step 3, a
+    checkpoint step, before rank 0 saves: both stop there with rank 1's line, and no
+    checkpoint holds the steps rank 1 took on its filler batch."""
+    out = tmp_path / "run"
+    options = ("--max-batches", "4", "--log-interval", "10", "--checkpoint-every", "3")
+    result = torchrun_fault("loader", 1, tiny_shards, out, *options)
+    assert result.returncode == 1, result.stderr
+    assert not traceback_on(result.stderr), result.stderr
+    errors = [rank_errors(result.stderr, r) for r in (0, 1)]
+    assert len(errors[0]) == 1 and errors[0] == errors[1], result.stderr
+    assert FAULTS["loader"][1] in errors[0][0]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == []
+
+
+# What a run may spend besides its steps' share: the set-up (rank 0's verdict on the run
+# directory, DDP's first broadcast of the weights) and each epoch's end (the train totals,
+# one BatchNorm buffer sync, the evaluation's totals, the checkpoint save).
+SETUP_COLLECTIVES, EPOCH_COLLECTIVES = 3, 4
+
+
+def test_at_most_one_host_collective_per_five_steps(tiny_shards, tmp_path):
+    """Counted from outside on both ranks: 2 epochs of 16 steps (batch 1 per rank), logging
+    every 10th, take no more than one collective per 5 steps plus the fixed allowance, with
+    evaluation included (one per epoch, none repeated at the end)."""
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    run = ("--data", str(tiny_shards), "--out", str(tmp_path / "run"), "--epochs", "2")
+    run += ("--batch-size", "1", "--widths", "4,8,16", "--log-interval", "10", "--seed", "0")
+    result = run_cli(*torchrun, "tests/count_collectives.py", str(tmp_path), *run, timeout=240)
+    assert result.returncode == 0, result.stderr
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        steps, calls = report["train_steps"], sum(report["calls"].values())
+        assert steps == 32 and report["eval_batches"] == 2 * 16, report  # 32 test samples / 2
+        assert calls <= steps / 5 + SETUP_COLLECTIVES + 2 * EPOCH_COLLECTIVES, report
+        # DDP's only buffer broadcast is its first; the BatchNorm sync is one per epoch.
+        assert report["calls"].get("_broadcast_coalesced") == 1, report
+        assert report["calls"].get("broadcast") == 2, report
 
 
 def test_exception_in_evaluation_on_one_rank_stops_the_other_with_its_line(tiny_shards, tmp_path):

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim
 from torch import nn
 
-from model import LossConfig, MaskDepthLoss, UNet, UNetConfig, count_parameters
+from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, UNet, UNetConfig, count_parameters
 from model.losses import aux_depth_loss, depth_gradient_l1
 from model.summary import _thop_layer_macs, summarize
+from training.checkpoint import saved_model_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAM_BUDGET = 750_000
@@ -72,14 +73,25 @@ def test_depth_head_can_branch_off_any_level(depth_size, depth_shape):
     assert depth.shape == depth_shape
 
 
-@pytest.mark.parametrize(
-    "variant", [{}, {"skip": "add"}, {"context": True}, {"skip": "add", "context": True}]
-)
+# The default recipe's model (add skips, context, aux heads), the reference's plain UNet, and
+# each of the default's features on its own.
+REFERENCE_MODEL = {"diff_input": False, "skip": "concat", "context": False, "aux_depth": False}
+MODEL_VARIANTS = [
+    {},
+    REFERENCE_MODEL,
+    {**REFERENCE_MODEL, "skip": "add"},
+    {**REFERENCE_MODEL, "context": True},
+    {**REFERENCE_MODEL, "aux_depth": True},
+]
+
+
+@pytest.mark.parametrize("variant", MODEL_VARIANTS)
 def test_every_parameter_gets_a_gradient(variant):
     torch.manual_seed(0)
     model = UNet(UNetConfig(**variant))
-    mask_logits, depth = model(random_inputs(model.cfg, batch=2))
-    (mask_logits.mean() + depth.mean()).backward()
+    x = random_inputs(model.cfg, batch=2)
+    mask_logits, depth, *aux = model(x, aux=True) if model.cfg.aux_depth else model(x)
+    (mask_logits.mean() + depth.mean() + sum(a.mean() for a in (aux or [()])[0])).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing, f"no gradient for {missing}"
     zero = [n for n, p in model.named_parameters() if p.grad.abs().sum() == 0]
@@ -101,12 +113,15 @@ def test_diff_input_feeds_the_difference_and_keeps_the_interface():
     bg, fg_bg = x[:, :1], x[:, 1:]
     expected = torch.cat([bg, fg_bg, fg_bg - bg, (fg_bg - bg).abs()], dim=1)
     torch.testing.assert_close(seen["x"], expected)
-    # Old checkpoints have no diff_input field: they load as the 2C-input model.
-    assert UNetConfig().diff_input is False
+    # The default recipe's model has it; old checkpoints have no diff_input field: they load
+    # as the 2C-input model they were.
+    assert UNetConfig().diff_input is True
+    old = {"model_config": {"in_channels": 1, "widths": [4, 8, 16]}}
+    assert UNetConfig(**saved_model_config(old)).diff_input is False
 
 
 def test_add_skips_convolve_only_the_skips_channels_at_full_resolution():
-    concat = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16)))
+    concat = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16), skip="concat"))
     add = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16), skip="add"))
     assert concat.decoder[0].conv[0][0].in_channels == 4 + 8  # upsampled level + skip
     assert add.decoder[0].conv[0][0].in_channels == 4  # the level mapped to 4, plus the skip
@@ -137,7 +152,7 @@ def test_context_blocks_add_one_vector_per_image_and_one_per_row():
     torch.testing.assert_close(added, added[..., :1].expand_as(added))
     assert not torch.allclose(added[:, :, 0], added[:, :, 6])
     # Without context there are no such modules, so plain checkpoints keep their keys.
-    plain = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16)))
+    plain = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16), context=False))
     assert not any("context" in k for k in plain.state_dict())
     assert model.global_context is not None and model.row_context is not None
 
@@ -172,8 +187,9 @@ def test_aux_depth_heads_sit_between_the_bottleneck_and_the_depth_head(
 
 
 def test_a_model_without_aux_heads_has_no_aux_keys_and_refuses_aux():
-    model = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32)))
-    assert UNetConfig().aux_levels == ()
+    model = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32), aux_depth=False))
+    assert UNetConfig(aux_depth=False).aux_levels == ()
+    assert UNetConfig().aux_levels == (3, 2)  # the default recipe weighs the aux heads
     assert not any(k.startswith("aux_heads") for k in model.state_dict())
     with pytest.raises(ValueError, match=r"aux=True needs .*aux_depth=True"):
         model(random_inputs(model.cfg, batch=1), aux=True)
@@ -196,8 +212,10 @@ def test_aux_depth_loss_is_zero_for_the_pooled_target_and_grows_with_a_wrong_hor
     without = weighted(logits, depth, mask, room)
     assert without["depth_aux"] == 0
     with_aux = weighted(logits, depth, mask, room, moved)
-    torch.testing.assert_close(with_aux["depth_aux"], aux_depth_loss(moved, room, 0.0))
-    torch.testing.assert_close(with_aux["loss"], without["loss"] + 0.5 * with_aux["depth_aux"])
+    torch.testing.assert_close(with_aux["depth_aux"], aux_depth_loss(moved, room, 2.0))
+    # The optimizer minimises the objective; "loss" adds up the terms evaluation has too.
+    torch.testing.assert_close(with_aux["objective"], without["loss"] + 0.5 * with_aux["depth_aux"])
+    torch.testing.assert_close(with_aux["loss"], without["loss"])
 
 
 def test_unknown_skip_is_refused():
@@ -205,7 +223,7 @@ def test_unknown_skip_is_refused():
         UNetConfig(skip="sum")
 
 
-@pytest.mark.parametrize("variant", [{}, {"skip": "add", "context": True}])
+@pytest.mark.parametrize("variant", [{}, REFERENCE_MODEL])
 def test_parameter_budget(variant):
     model = UNet(UNetConfig(in_channels=3, **variant))
     params = count_parameters(model)
@@ -278,7 +296,7 @@ def test_channels_last_matches_contiguous():
 
 def test_cpu_bf16_autocast_forward_and_loss():
     torch.manual_seed(0)
-    model = UNet(UNetConfig())
+    model = UNet(UNetConfig(aux_depth=False))
     x = random_inputs(model.cfg, batch=2)
     with torch.no_grad():
         ref_logits, ref_depth = model.eval()(x)
@@ -310,6 +328,7 @@ def test_loss_terms_and_weights():
     depth_true = torch.rand(3, 1, 80, 80)
     losses = MaskDepthLoss(LossConfig())(mask_logits, depth_pred, mask, depth_true)
     assert set(losses) == {
+        "objective",
         "loss",
         "mask_bce",
         "mask_dice_loss",
@@ -332,9 +351,10 @@ def test_loss_terms_and_weights():
     torch.testing.assert_close(losses["mask_dice_loss"], dice_loss)
     torch.testing.assert_close(losses["depth_l1"], l1)
     torch.testing.assert_close(losses["depth_grad"], grad)
-    # The defaults are the reference loss: the Dice and L1 terms are logged, not added.
-    torch.testing.assert_close(losses["loss"], 2 * bce + ssim_loss)
-    depth_only = MaskDepthLoss(LossConfig(mask_weight=0.0, depth_weight=3.0))
+    # The defaults are the default recipe's: the Dice and L1 terms are logged, not added.
+    torch.testing.assert_close(losses["loss"], 4 * bce + ssim_loss + 2 * grad)
+    torch.testing.assert_close(losses["objective"], losses["loss"])  # no aux maps given
+    depth_only = MaskDepthLoss(LossConfig(mask_weight=0.0, depth_weight=3.0, depth_grad_weight=0))
     total = depth_only(mask_logits, depth_pred, mask, depth_true)["loss"]
     torch.testing.assert_close(total, 3 * ssim_loss)
     every = LossConfig(1.0, dice_weight=2.0, depth_weight=3.0, depth_l1_weight=4.0,
@@ -392,7 +412,7 @@ def test_loss_rejects_mismatched_shapes():
     [
         ({"mask_weight": -1.0}, "must be >= 0"),
         ({"dice_weight": -0.5}, "dice_weight.*must be >= 0"),
-        ({"mask_weight": 0, "depth_weight": 0}, "all 0"),
+        (dict.fromkeys(LOSS_WEIGHTS, 0.0), "all 0"),
     ],
 )
 def test_loss_config_rejects_bad_weights(kwargs, match):
@@ -465,6 +485,9 @@ def test_summary_cli_json():
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert {"params", "macs", "input", "outputs"} <= set(summary)
+    # the default recipe's model, aux heads in its params (not in its inference MACs)
+    assert summary["model"] == UNetConfig().describe() and summary["config"]["aux_depth"]
+    assert 0 < summary["aux_params"] < summary["params"]
     assert isinstance(summary["params"], int) and 0 < summary["params"] <= PARAM_BUDGET
     assert isinstance(summary["macs"], int) and summary["macs"] > 0
     assert summary["input"] == [1, 6, 160, 160]
@@ -479,6 +502,7 @@ def test_summary_cli_table_and_errors():
     table = run_module("model.summary")
     assert table.returncode == 0, table.stderr
     assert "decoder.0" in table.stdout and "MACs per sample" in table.stdout
+    assert table.stdout.startswith(f"model   {UNetConfig().describe()}\n")
     bad = run_module("model.summary", "--in-channels", "0")
     assert bad.returncode == 2
     assert "in_channels=0" in bad.stderr

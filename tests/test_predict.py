@@ -12,10 +12,11 @@ from PIL import Image
 
 import predict
 import train
-from model import UNet, UNetConfig
+from model import MaskDepthLoss, UNet, UNetConfig
 from pipeline import build_loader
 from tests.conftest import omp_policy_when_torch_loads, run_cli, snapshot
 from training.checkpoint import TrainState, save_checkpoint
+from training.recipe import build_optimizer
 
 
 def make_checkpoint(path, channels: int) -> UNet:
@@ -24,9 +25,9 @@ def make_checkpoint(path, channels: int) -> UNet:
     cfg = train.TrainConfig(data="unused", widths=(4, 8, 16))
     unet_cfg = UNetConfig(in_channels=channels, widths=cfg.widths)
     model = UNet(unet_cfg).eval()
-    optimizer, scheduler = train.build_optimizer(cfg, model)
+    optimizer, scheduler = build_optimizer(cfg, model)
     loader_cfg = predict.LoaderConfig()
-    loss_fn = train.MaskDepthLoss()
+    loss_fn = MaskDepthLoss()
     config = asdict(cfg)
     state = TrainState(model, model, loss_fn, optimizer, scheduler, unet_cfg, loader_cfg, config)
     save_checkpoint(state.state_dict(), path)

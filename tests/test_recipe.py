@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,14 @@ import torch
 from torch import nn
 
 import train
-from model import UNet, UNetConfig
-from training.checkpoint import check_compatible, load_weights
+from model import LOSS_WEIGHTS, LossConfig, UNet, UNetConfig
+from tests.conftest import run_cli
+from training.checkpoint import MODEL_KEYS, TrainState, check_compatible, load_weights
 from training.errors import TrainError
-from training.recipe import RECIPES, LrSchedule, build_optimizer
+from training.recipe import RECIPES, LrSchedule, build_optimizer, optimizer_implementation
+
+# The model checkpoints without the newer fields were: what UNetConfig() built before them.
+PLAIN = {"diff_input": False, "skip": "concat", "context": False, "aux_depth": False}
 
 
 def test_reference_recipe_is_the_reference_solution():
@@ -100,8 +106,8 @@ def test_schedule_spans_the_runs_steps_and_round_trips_a_checkpoint():
 
 def test_checkpoint_with_other_diff_input_is_refused():
     saved = {"model_config": {"in_channels": 1, "widths": [4, 8, 16]}}  # an old checkpoint
-    check_compatible(saved, Path("old.pt"), UNetConfig(in_channels=1, widths=(4, 8, 16)))
-    new = UNetConfig(in_channels=1, widths=(4, 8, 16), diff_input=True)
+    check_compatible(saved, Path("old.pt"), UNetConfig(in_channels=1, widths=(4, 8, 16), **PLAIN))
+    new = UNetConfig(in_channels=1, widths=(4, 8, 16), **{**PLAIN, "diff_input": True})
     with pytest.raises(TrainError, match=r"diff_input=False.*pass --no-diff-input"):
         check_compatible(saved, Path("old.pt"), new)
 
@@ -111,15 +117,17 @@ def test_checkpoint_with_other_diff_input_is_refused():
 )
 def test_checkpoint_without_the_newer_model_fields_is_the_plain_unet(field, flag):
     old = {"model_config": {"in_channels": 1, "widths": [4, 8, 16]}}  # before skip, context
-    check_compatible(old, Path("old.pt"), UNetConfig(in_channels=1, widths=(4, 8, 16)))
-    new = UNetConfig(in_channels=1, widths=(4, 8, 16), **{field: RECIPES["default"][field]})
+    check_compatible(old, Path("old.pt"), UNetConfig(in_channels=1, widths=(4, 8, 16), **PLAIN))
+    new = UNetConfig(
+        in_channels=1, widths=(4, 8, 16), **{**PLAIN, field: RECIPES["default"][field]}
+    )
     with pytest.raises(TrainError, match=rf"{field}=(concat|False) .*pass {flag}$"):
         check_compatible(old, Path("old.pt"), new)
 
 
 def test_weights_load_across_the_aux_depth_heads_and_nothing_else():
     torch.manual_seed(0)
-    plain = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32)))
+    plain = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32), aux_depth=False))
     aux = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 32), aux_depth=True))
     fresh_heads = {k: v.clone() for k, v in aux.state_dict().items() if k.startswith("aux_")}
     load_weights(aux, plain.state_dict())  # a checkpoint without heads: they stay fresh
@@ -131,6 +139,79 @@ def test_weights_load_across_the_aux_depth_heads_and_nothing_else():
     torch.testing.assert_close(aux.aux_heads["2"].weight, fresh_heads["aux_heads.2.weight"] + 1)
     load_weights(plain, trained)  # a model without heads drops them
     assert not any(k.startswith("aux_") for k in plain.state_dict())
-    other = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 64)))
+    other = UNet(UNetConfig(in_channels=1, widths=(4, 8, 16, 64), aux_depth=False))
     with pytest.raises(RuntimeError, match="size mismatch"):
         load_weights(other, plain.state_dict())
+
+
+def test_every_default_is_the_default_recipes():
+    """UNetConfig(), LossConfig() and TrainConfig() build the default recipe's model and loss."""
+    default = RECIPES["default"]
+    unet = UNetConfig()
+    assert {k: getattr(unet, k) for k in MODEL_KEYS} == {k: default[k] for k in MODEL_KEYS}
+    assert unet.aux_depth is (default["depth_aux_weight"] > 0)
+    assert asdict(LossConfig()) == {k: default[k] for k in LOSS_WEIGHTS}
+    cfg = train.TrainConfig()
+    assert {k: getattr(cfg, k) for k in default} == default
+
+
+def test_the_recipe_table_is_the_one_source_of_the_defaults():
+    """Change the table before anything reads it, and every default follows: no copies."""
+    probe = (
+        "import importlib.util, json, sys\n"
+        "spec = importlib.util.spec_from_file_location('model.recipes', 'model/recipes.py')\n"
+        "recipes = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(recipes)\n"
+        "recipes.DEFAULT.update(widths=(8, 16, 32), skip='concat', context=False,\n"
+        "                       diff_input=False, depth_aux_weight=0.0, mask_weight=3.0, lr=0.5)\n"
+        "sys.modules['model.recipes'] = recipes\n"
+        "import train\n"
+        "from model import LossConfig, UNetConfig\n"
+        "unet, loss, cfg = UNetConfig(), LossConfig(), train.parse_args(['--data', 'd'])\n"
+        "print(json.dumps([unet.widths, unet.skip, unet.context, unet.diff_input,\n"
+        "                  unet.aux_depth, loss.mask_weight, loss.depth_aux_weight,\n"
+        "                  train.TrainConfig().lr, cfg.lr, cfg.widths, cfg.mask_weight]))\n"
+    )
+    result = run_cli("-c", probe)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [
+        [8, 16, 32],
+        "concat",
+        False,
+        False,
+        False,
+        3.0,
+        0.0,
+        0.5,
+        0.5,
+        [8, 16, 32],
+        3.0,
+    ]
+
+
+def test_adamw_is_fused_on_cuda_and_foreach_on_the_cpu():
+    assert optimizer_implementation(torch.device("cuda")) == {"fused": True}
+    assert optimizer_implementation(torch.device("cpu")) == {"foreach": True}
+    assert optimizer_implementation(torch.device("cuda"), "sgd") == {"foreach": True}
+    cfg = train.TrainConfig(data="d")
+    model = nn.Linear(2, 1)
+    optimizer, scheduler = build_optimizer(cfg, model)
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.AdamW) and group["foreach"] is True
+    assert not group["fused"]
+    # A checkpoint from another machine (here: fused, no foreach) does not choose for this one.
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "history": [], "best_iou": 0.0}  # fmt: skip
+    saved["optimizer"]["param_groups"][0].update(foreach=None, fused=True)
+    fresh, fresh_schedule = build_optimizer(cfg, nn.Linear(2, 1))
+    state = TrainState(model, model, nn.Identity(), fresh, fresh_schedule, None, None, {})
+    state.load_state_dict(saved, restore_rng=False)
+    assert fresh.param_groups[0]["foreach"] is True and not fresh.param_groups[0]["fused"]
+    assert fresh.param_groups[0]["lr"] == group["lr"]  # the maths is the checkpoint's
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adamw_on_cuda_is_fused():
+    optimizer, _ = build_optimizer(train.TrainConfig(data="d"), nn.Linear(2, 1).cuda())
+    assert optimizer.param_groups[0]["fused"] is True

@@ -79,6 +79,10 @@ def test_resume_extends_epochs_like_an_uninterrupted_run(runs, tmp_path, capsys)
     result = cli(capsys, "--out", str(run), "--resume", "--epochs", "4")
     ok(result)
     assert "resumed from" in result.stdout and "after epoch 2" in result.stdout
+    # a schedule counted in epochs is the same at any length: the line says it goes on
+    note = "lr schedule: step, counted in epochs, so the 4-epoch run goes on at lr 0.0025"
+    note += " from step 4"
+    assert note in result.stdout.splitlines()
     assert json.loads((run / "config.json").read_text())["epochs"] == 4
 
     expected, got = weights(runs.four), weights(run)
@@ -94,6 +98,30 @@ def test_resume_extends_epochs_like_an_uninterrupted_run(runs, tmp_path, capsys)
             assert ours[split]["loss"] == pytest.approx(theirs[split]["loss"], rel=1e-5)
     for key in ("iou", "dice", "depth_rmse", "loss"):
         assert again["test"][key] == pytest.approx(full["test"][key], rel=1e-5, abs=1e-6), key
+
+
+def test_extending_a_finished_cosine_run_says_what_the_lr_does(tiny_shards, tmp_path, capsys):
+    """A finished cosine run ended at lr 0; --resume --epochs 4 re-sizes the schedule, and
+    the lr jumps back up: one line says from what to what, and where it ends."""
+    run = tmp_path / "cosine"
+    ok(cli(capsys, "--data", str(tiny_shards), *TINY_RUN, "--epochs", "2", "--out", str(run)))
+    result = cli(capsys, "--out", str(run), "--resume", "--epochs", "4")
+    ok(result)
+    notes = [line for line in result.stdout.splitlines() if line.startswith("lr schedule:")]
+    expected = schedule_lrs(tiny_shards, 4)[4]  # a 4-epoch run's lr at step 4 (2 per epoch)
+    assert notes == [
+        f"lr schedule: the 2-epoch cosine is re-sized to 4 epochs; the lr goes from 0 to "
+        f"{expected:.3g} at step 4 and follows the 4-epoch schedule from there, to 0 at step 8"
+    ]
+    assert expected > 0.001  # back up from 0: what the line is there to say
+    result = cli(capsys, "--out", str(run), "--resume", "--epochs", "4")  # nothing left to do
+    assert "lr schedule" not in result.stdout
+
+
+def schedule_lrs(shards: Path, epochs: int) -> list[float]:
+    """The lr of each step of a run of ``epochs`` on the default recipe, 2 steps per epoch."""
+    cfg = train.parse_args(["--data", str(shards), "--epochs", str(epochs), *TINY_RUN])
+    return lrs(build_optimizer(cfg, nn.Linear(2, 2), 2)[1], 2 * epochs)
 
 
 def schedule(epochs: int, steps_per_epoch: int = 3):
@@ -183,11 +211,15 @@ def test_test_only_reads_the_model_from_the_checkpoint(runs, tmp_path, capsys):
     checkpoint's; the same weights on the same test split give the run's final metrics."""
     last = str(runs.two / "checkpoints" / "last.pt")
     out = tmp_path / "eval"
-    ok(cli(capsys, "--test-only", "--weights", last, "--out", str(out)))
+    result = cli(capsys, "--test-only", "--weights", last, "--out", str(out))
+    ok(result)
     expected = json.loads((runs.two / "metrics.json").read_text())["test"]
     got = json.loads((out / "metrics.json").read_text())["test"]
     for key in ("iou", "dice", "depth_rmse", "loss"):
         assert got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-6), key
+    # An evaluation writes its results only: no checkpoints/, no tb/ and no TensorBoard hint.
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "results.png"]
+    assert "TensorBoard" not in result.stdout and "results figure" in result.stdout
 
     refused = tmp_path / "refused"
     contradicting = ("--widths", "4,8", "--no-diff-input")

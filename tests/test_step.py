@@ -134,6 +134,8 @@ def test_forward_loss_adds_the_aux_depth_maps_in_training_only():
                "depth_ssim_loss": c.depth_weight, "depth_l1": c.depth_l1_weight,
                "depth_grad": c.depth_grad_weight}  # fmt: skip
     rest = sum(w * trained[k] for k, w in weights.items())
-    torch.testing.assert_close(trained["loss"], rest + 0.5 * trained["depth_aux"])
+    torch.testing.assert_close(trained["objective"], rest + 0.5 * trained["depth_aux"])
+    torch.testing.assert_close(trained["loss"], rest)  # the terms the test loss has too
     evaluated = forward_loss(model.eval(), loss_fn, batch, rt).losses
     assert evaluated["depth_aux"] == 0  # the test loss is the model's two outputs only
+    torch.testing.assert_close(evaluated["objective"], evaluated["loss"])

@@ -31,7 +31,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import train
 from pipeline.config import LoaderConfig, resolve_threads
 from pipeline.loader import dali_available
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, snapshot
+from tests.conftest import one_line_error as cli_error
 from training import monitor
 from training.checkpoint import (
     CheckpointError,
@@ -41,6 +42,7 @@ from training.checkpoint import (
     set_rng_state,
 )
 from training.distributed import Runtime
+from training.recipe import RECIPES
 from training.rundir import RunDir
 
 TINY_RUN = ("--batch-size", "4", "--max-batches", "2", "--widths", "4,8,16", "--seed", "0")
@@ -128,8 +130,9 @@ def test_run_writes_every_documented_file(full_run):
     with Image.open(full_run / "results.png") as image:
         assert image.width >= 6 * 160 and image.height >= 4 * 160
 
-    traces = list((full_run / "profile").glob("*.pt.trace.json*"))
+    traces = list((full_run / "tb").glob("*.pt.trace.json*"))  # where TensorBoard looks
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert not (full_run / "profile").exists()
     assert not (full_run / "memory_layers.csv").exists()  # CPU run: GPU reports are skipped
 
 
@@ -162,7 +165,10 @@ def test_tensorboard_has_scalars_images_histograms_graph(full_run):
             # per-epoch values at each epoch's last optimizer step (2 steps per epoch)
             assert [e.step for e in acc.Scalars(f"{split}/{name}")] == [2, 4]
     assert [e.step for e in acc.Scalars("train_step/loss")] == [1, 2, 3, 4]
-    assert "train_step/loss" in tags["scalars"]
+    # the lr at every log step (--log-interval 1), the warm-up and decay visible within epochs
+    lrs = acc.Scalars("train_step/lr")
+    assert [e.step for e in lrs] == [1, 2, 3, 4] and len({e.value for e in lrs}) == 4
+    assert "test/depth_aux" not in tags["scalars"]  # the test loss has no aux term
     assert "test/samples" in tags["images"]
     assert any(tag.startswith("weights/") for tag in tags["histograms"])
     assert tags["graph"]
@@ -215,6 +221,53 @@ def test_signal_mid_epoch_then_resume_matches_uninterrupted_run(
     got = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_end_says_where_the_trace_is_and_evaluates_once_per_epoch(full_run_result):
+    out, result = full_run_result
+    trace = next((out / "tb").glob("*.pt.trace.json*"))
+    assert f"torch.profiler: {trace} (TensorBoard's PyTorch Profiler tab" in result.stdout
+    assert f"TensorBoard:    tensorboard --logdir {out / 'tb'}" in result.stdout
+    # the result is the last epoch's test pass, not another one
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"] == metrics["history"][-1]["test"]
+
+
+def test_train_and_test_loss_add_up_the_same_terms(tiny_shards, tmp_path, monkeypatch):
+    """With an aux depth head (a 4-level model has one, at 40x40) both splits log as loss
+    the recipe's weighted sum of the same terms; the aux term is train's depth_aux, apart.
+    One evaluation per epoch and none repeated at the end."""
+    evaluations, real_evaluate = [], train.evaluate
+    monkeypatch.setattr(train, "evaluate", lambda *a: evaluations.append(a) or real_evaluate(*a))
+    out = tmp_path / "aux"
+    args = ["--data", str(tiny_shards), "--epochs", "1", "--out", str(out), *TINY_RUN]
+    final = train.main([*args, "--widths", "4,8,16,32", "--log-interval", "1"])
+    assert len(evaluations) == 1
+    weights = RECIPES["default"]
+    terms = {"mask_bce": "mask_weight", "mask_dice_loss": "dice_weight",
+             "depth_ssim_loss": "depth_weight", "depth_l1": "depth_l1_weight",
+             "depth_grad": "depth_grad_weight"}  # fmt: skip
+    record = json.loads((out / "metrics.json").read_text())["history"][0]
+    assert final == record["test"]
+    for split in ("train", "test"):
+        expected = sum(weights[w] * record[split][k] for k, w in terms.items())
+        assert record[split]["loss"] == pytest.approx(expected, rel=1e-5), split
+    assert record["train"]["depth_aux"] > 0 and "depth_aux" not in record["test"]
+    tags = EventAccumulator(str(out / "tb")).Reload().Tags()["scalars"]
+    assert {"train/depth_aux", "train_step/depth_aux"} <= set(tags)
+    assert "test/depth_aux" not in tags
+
+
+def test_compile_trains_on_the_cpu(tiny_shards, tmp_path):
+    """--compile: torch.compile of the training model, 1 epoch of 2 batches on the CPU; the
+    checkpoint holds the plain model's weights, which predict.py and --weights read."""
+    out = tmp_path / "compiled"
+    args = ["--data", str(tiny_shards), "--epochs", "1", "--out", str(out), *TINY_RUN]
+    final = train.main([*args, "--compile"])
+    assert math.isfinite(final["loss"]) and final["samples"] == 8
+    saved = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert saved["config"]["compile"] is True
+    assert not any("_orig_mod" in key or "module." in key for key in saved["model"])
 
 
 def test_max_batches_caps_every_test_pass(full_run, tiny_shards, tmp_path):
@@ -401,9 +454,11 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_and_back(tiny_shards, tmp_pat
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
     args = ("--data", str(tiny_shards), "--epochs", "2", "--max-batches", "4", "--seed", "0")
     args += ("--widths", "4,8,16")
-    # 2 ranks, stopped by SIGINT on both after step 2 of epoch 1; then 1 rank goes on
+    # 2 ranks, stopped by SIGINT on both after step 2 of epoch 1 (the ranks agree on a stop at
+    # log steps: every 2nd here); then 1 rank goes on
     out = tmp_path / "two-then-one"
     fault = ("tests/fault_rank.py", "sigint", "all", *args, "--batch-size", "4")
+    fault += ("--log-interval", "2")
     stopped = run_cli(*torchrun, *fault, "--out", str(out), timeout=300)
     assert stopped.returncode != 0, stopped.stderr
     saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
@@ -421,6 +476,37 @@ def test_a_run_stopped_on_two_ranks_resumes_on_one_and_back(tiny_shards, tmp_pat
     ok(resumed)
     history = json.loads((out / "metrics.json").read_text())["history"]
     assert [r["train"]["samples"] for r in history] == [16, 32]
+
+
+def test_ctrl_c_to_torchrun_saves_and_each_worker_says_so_in_one_line(tiny_shards, tmp_path):
+    """Ctrl-C reaches torchrun only (its workers have sessions of their own); torchrun
+    passes SIGINT on to the workers, which agree on the stop, save a whole last.pt and exit
+    130 with one line each. torchrun then reports its own SignalException, exit 1, as
+    train.py --help says."""
+    out = tmp_path / "run"
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee", "3")
+    args = ("--data", str(tiny_shards), "--epochs", "1", "--out", str(out), "--log-interval", "2")
+    fault = ("tests/fault_rank.py", "sigint-launcher", "0", *args, *TINY_RUN, "--batch-size", "1")
+    result = run_cli(*torchrun, *fault, timeout=240)
+    assert result.returncode == 1, result.stderr
+    assert "SignalException" in result.stderr and "[default0]:Traceback" not in result.stderr
+    saved = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    where = (
+        f"epoch 1 up to sample {saved['position']} of its order"
+        if saved["position"]
+        else "the last finished epoch (1)"
+    )
+    line = f"train.py: interrupted; {out / 'checkpoints' / 'last.pt'} holds {where}"
+    for rank in (0, 1):
+        said = re.findall(rf"\[default{rank}\]:(train\.py: [^\r\n]*)", result.stderr)
+        assert said == [f"{line}: continue with --resume"], result.stderr
+    assert "[default1]:Traceback" not in result.stderr
+
+
+def test_help_says_how_a_stop_ends_under_torchrun():
+    text = " ".join(train.build_parser().format_help().split())
+    assert "Ctrl-C there reaches torchrun only" in text
+    assert "saves and exits 130" in text and "--shutdown-timeout" in text
 
 
 def test_brace_urls_evaluate_like_the_data_dir(full_run, tiny_shards, tmp_path):
@@ -457,8 +543,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shards, tmp_path, mo
 
     def nan_loss(loss_fn):
         def poisoned(*args):
-            losses = loss_fn(*args)
-            return {**losses, "loss": losses["loss"] * math.nan}
+            return {k: v * math.nan for k, v in loss_fn(*args).items()}
 
         return poisoned
 
@@ -501,6 +586,38 @@ def test_results_captions_are_each_samples_iou(tiny_shards, tmp_path):
 def test_missing_data_dir_is_one_line_error(tmp_path):
     result = run_cli("train.py", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     one_line_error(result, "no manifest.json")
+
+
+@pytest.mark.parametrize("given", ["zip", "txt"])
+def test_a_zip_or_a_file_as_data_is_one_line_and_creates_nothing(given, tiny_zips, tmp_path):
+    data = tmp_path / f"data.{given}"
+    shutil.copy(next(tiny_zips.glob("batch*_images.zip")), data) if given == "zip" else None
+    data.write_text("not a dataset") if given == "txt" else None
+    before = snapshot(tmp_path)
+    result = run_cli("train.py", "--data", str(data), "--out", str(tmp_path / "run"))
+    what = "is a zip" if given == "zip" else "is a file"
+    cli_error(result, f"{data}: {what}", "python -m sharding.build", prefix="train.py: error")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "give either --data DIR or both --train URLS and --test URLS"),
+        (["--train", "t-{0..1}.tar"], "--train and --test go together; give both"),
+        (["--data", "d", "--test-only"], "--test-only evaluates a checkpoint: add --weights CKPT"),
+        (
+            ["--data", "d", "--resume", "--weights", "w.pt"],
+            "--resume continues OUT/checkpoints/last.pt; drop --weights",
+        ),
+    ],
+    ids=["no-data", "train-alone", "test-only-alone", "resume-and-weights"],
+)
+def test_usage_errors_exit_2_with_argparses_message(argv, message, tmp_path):
+    result = run_cli("train.py", *argv, "--out", str(tmp_path / "run"))
+    line = cli_error(result, message, code=2, prefix="train.py: error", alone=False)
+    assert result.stderr.startswith("usage: train.py") and line == f"train.py: error: {message}"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_manifest_with_other_format_version_is_refused(tiny_shards, tmp_path):
@@ -564,9 +681,14 @@ def test_checkpoint_for_other_channels_or_config_is_refused(
         )
 
 
-def test_existing_run_dir_needs_resume_or_overwrite(full_run, tiny_shards, tmp_path):
+def test_existing_run_dir_needs_resume_or_overwrite(full_run, tiny_shards, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(full_run, run)
+    # The refusal is the one line, with no config printed before it.
+    assert train.cli(["--data", str(tiny_shards), "--out", str(run), *TINY_RUN]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("train.py: error: ")
+    assert len(captured.err.splitlines()) == 1 and "already holds a run" in captured.err
     with pytest.raises(train.TrainError, match="already holds a run"):
         train.main(["--data", str(tiny_shards), "--out", str(run), *TINY_RUN])
     assert (run / "checkpoints" / "last.pt").exists()
@@ -725,6 +847,16 @@ def test_gpu_monitor_writes_reports_after_the_steps(fake_gpu, tmp_path):
     assert len(rows) == 6 * monitor.MEMORY_STEPS
     report = json.loads((tmp_path / "gpu_report.json").read_text())
     assert report["device_name"] == "fake" and report["samples"] >= 1
+
+
+def test_gpu_monitor_of_a_compiled_model_hooks_no_layer(fake_gpu, tmp_path):
+    model, notes = torch.nn.Sequential(torch.nn.Linear(2, 3)), []
+    with monitor.gpu_monitor(model, torch.device("cpu"), tmp_path, layers=False, note=notes.append):
+        model(torch.zeros(1, 2))
+        assert not model[0]._forward_hooks and not model[0]._forward_pre_hooks
+    assert notes == ["memory_layers.csv skipped: --compile (per-layer hooks would split the graph)"]
+    assert not (tmp_path / "memory_layers.csv").exists()
+    assert (tmp_path / "gpu_report.json").exists()
 
 
 def test_gpu_monitor_stops_everything_when_the_run_fails(fake_gpu, tmp_path):

@@ -47,9 +47,9 @@ FIXED_ON_RESUME = tuple(
 )
 # What --weights fixes: the model's shape (in_channels and the image sizes come from the data).
 MODEL_KEYS = ("widths", "diff_input", "skip", "context")
-# Fields newer than some checkpoints, with the value those checkpoints ran with (for the model:
-# UNetConfig's defaults), so a resume, --weights or --test-only run of one rebuilds the same
-# model and continues the same loss and schedule, whatever the default recipe says today.
+# Fields newer than some checkpoints, with the value those checkpoints ran with, so a resume,
+# --weights or --test-only run of one rebuilds the same model and continues the same loss and
+# schedule, whatever the default recipe (and so UNetConfig's defaults) says today.
 MODEL_FIELDS_BEFORE = {"diff_input": False, "skip": "concat", "context": False}
 FIELDS_BEFORE = {
     **MODEL_FIELDS_BEFORE,
@@ -59,6 +59,8 @@ FIELDS_BEFORE = {
 }
 # The auxiliary depth heads (UNetConfig.aux_depth): training scaffolding, absent at inference.
 AUX_PREFIX = "aux_heads."
+# Optimizer param-group flags that choose an implementation, not the maths.
+IMPLEMENTATION = ("foreach", "fused")
 
 
 class CheckpointError(TrainError):
@@ -159,7 +161,14 @@ def options_from_checkpoint(options: dict[str, Any], given: set[str], last: Path
     return options
 
 
-def resize_schedule(scheduler: Any, fresh: dict[str, Any], path: Path) -> None:
+def saved_model_config(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``model_config`` as ``UNetConfig`` keywords, with the value it ran with
+    for every field newer than it (predict.py and the benchmarks rebuild its model so)."""
+    saved = {**MODEL_FIELDS_BEFORE, "aux_depth": False, **state["model_config"]}
+    return {**saved, "widths": tuple(saved["widths"])}
+
+
+def resize_schedule(scheduler: Any, fresh: dict[str, Any], path: Path) -> str | None:
     """Give a restored ``LambdaLR`` the shape ``fresh`` (this run's schedule state, sized from
     its ``--epochs``) from the step it reached on.
 
@@ -169,7 +178,11 @@ def resize_schedule(scheduler: Any, fresh: dict[str, Any], path: Path) -> None:
     new length exactly; a ``cosine`` one is sized from the run's total steps, so the new run
     continues with the lr that the longer run has at this step. The steps per epoch must
     match: they fix where every earlier step sits in the schedule.
+
+    Returns one line saying what the lr does now when the length changed, else None: a
+    finished cosine run extended by ``--epochs`` jumps from 0 back up, which deserves a word.
     """
+    resized = []
     for schedule, shape in zip(scheduler.lr_lambdas, fresh["lr_lambdas"]):
         if not shape:  # a plain function: no shape to restore
             continue
@@ -179,11 +192,28 @@ def resize_schedule(scheduler: Any, fresh: dict[str, Any], path: Path) -> None:
                 f"checkpoint {path} ran {ran} optimizer steps per epoch but this run makes {now}; "
                 "resume with the same data, --batch-size, --max-batches and number of ranks"
             )
+        if schedule.total_steps != shape["total_steps"]:
+            resized.append((schedule.kind, schedule.total_steps // max(now, 1), shape))
         schedule.__dict__.update(shape)
     step = scheduler.last_epoch  # LambdaLR counts optimizer steps in last_epoch
     lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    before = [group["lr"] for group in scheduler.optimizer.param_groups]
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
+    if not resized:
+        return None
+    kind, ran, shape = resized[0]
+    epochs = shape["total_steps"] // max(shape["steps_per_epoch"], 1)
+    if kind == "step":
+        return (
+            f"lr schedule: step, counted in epochs, so the {epochs}-epoch run goes on at lr "
+            f"{lrs[0]:.3g} from step {step}"
+        )
+    return (
+        f"lr schedule: the {ran}-epoch cosine is re-sized to {epochs} epochs; the lr goes from "
+        f"{before[0]:.3g} to {lrs[0]:.3g} at step {step} and follows the {epochs}-epoch "
+        f"schedule from there, to 0 at step {shape['total_steps']}"
+    )
 
 
 def rng_state() -> dict[str, Any]:
@@ -236,6 +266,7 @@ class TrainState:
     # start, more in a checkpoint written mid-epoch (--checkpoint-every, or on a signal).
     position: int = 0
     global_batch: int = 0  # batch_size x world_size: the order is cut into these
+    notes: list[str] = field(default_factory=list)  # for the user, from restoring; not saved
 
     @property
     def epochs_done(self) -> int:
@@ -268,35 +299,42 @@ class TrainState:
 
     def restore(
         self, path: Path, resume: bool, resume_keys: Sequence[str] = (), rng: bool = True
-    ) -> None:
+    ) -> str | None:
         """Load the checkpoint at ``path`` after :func:`check_compatible`: everything when
         ``resume`` (then ``resume_keys`` of the config must match; ``rng``: the random
-        generators too), else the model weights only."""
+        generators too), else the model weights only. Returns :func:`resize_schedule`'s
+        line, if any."""
         saved = load_checkpoint(path)
         config = self.config if resume else None
         check_compatible(saved, path, self.unet_cfg, config, resume_keys)
         if resume:
-            self.load_state_dict(saved, restore_rng=rng, path=path)
-        else:
-            load_weights(self.model, saved["model"])
+            return self.load_state_dict(saved, restore_rng=rng, path=path)
+        load_weights(self.model, saved["model"])
+        return None
 
     def load_state_dict(
         self, state: dict[str, Any], restore_rng: bool = True, path: Path = Path("checkpoint")
-    ) -> None:
+    ) -> str | None:
         """Continue from ``state`` (what :meth:`state_dict` returned): weights, optimizer,
-        schedule (re-sized to this run's length by :func:`resize_schedule`), history and,
-        with ``restore_rng``, the random generators."""
+        schedule (re-sized to this run's length by :func:`resize_schedule`, whose line it
+        returns), history and, with ``restore_rng``, the random generators."""
         fresh = self.scheduler.state_dict()  # this run's schedule, sized from its --epochs
+        # How the update runs is this machine's choice (fused on CUDA, foreach elsewhere),
+        # not the checkpoint's: load_state_dict would take the saved groups' flags.
+        kinds = [{k: g.get(k) for k in IMPLEMENTATION} for g in self.optimizer.param_groups]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, kind in zip(self.optimizer.param_groups, kinds):
+            group.update(kind)
         self.scheduler.load_state_dict(state["scheduler"])
-        resize_schedule(self.scheduler, fresh, path)
+        note = resize_schedule(self.scheduler, fresh, path)
         self.history = list(state["history"])
         self.best_iou = float(state["best_iou"])
         self.position = int(state.get("position", 0))  # none before mid-epoch checkpoints
         check_global_batch(state, self.global_batch, path)
         if restore_rng:
             set_rng_state(state["rng"])
+        return note
 
 
 def check_global_batch(state: dict[str, Any], global_batch: int, path: Path) -> None:

@@ -7,6 +7,7 @@ and ``LOCAL_RANK`` and joins the process group (NCCL on CUDA, gloo on the CPU).
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 from collections.abc import Callable
@@ -135,13 +136,37 @@ def agree(
     a bug: the rank that has it raises it itself, with its traceback. In a single process,
     ``error`` is raised as it is.
     """
+    return agree_and_sum(None, error, rt, done, user_errors)[0]
+
+
+def agree_and_sum(
+    totals: torch.Tensor | None,
+    error: BaseException | None,
+    rt: Runtime,
+    done: bool = False,
+    user_errors: tuple[type[BaseException], ...] = (TrainError,),
+) -> tuple[bool, torch.Tensor | None]:
+    """:func:`agree`, and ``totals`` (a 1-D tensor, the same size on every rank) summed over
+    the ranks, in one all-reduce: ``(any rank done, summed totals)``.
+
+    Without ``totals`` the flags go over the gloo control group (a host-side read, no GPU
+    sync); with them, over the default group on ``totals``' device, which an epoch's end
+    reads anyway. In a single process: no collective, ``totals`` as they are.
+    """
     if not rt.distributed:
         if error is not None:
             raise error
-        return done
-    flags = torch.tensor([int(error is not None), int(done)])
-    dist.all_reduce(flags, group=rt.control)  # on gloo: a host-side read, no GPU sync
-    if flags[0].item():
+        return done, totals
+    flags = torch.tensor([float(error is not None), float(done)], dtype=torch.float64)
+    if totals is None:
+        dist.all_reduce(flags, group=rt.control)
+        failed, any_done = flags.tolist()
+    else:
+        reduced = torch.cat([flags.to(totals.device), totals.double().flatten()])
+        dist.all_reduce(reduced)
+        failed, any_done = reduced[:2].tolist()  # the one sync of this reduction
+        totals = reduced[2:]
+    if failed:
         messages: list[str | None] = [None] * rt.world_size
         mine = None if error is None else one_line(error)
         dist.all_gather_object(messages, mine, group=rt.control)
@@ -149,41 +174,57 @@ def agree(
         if error is not None and not isinstance(error, user_errors):
             raise error
         raise TrainError(f"rank {rank}: {message}") from error
-    return bool(flags[1].item())
+    return bool(any_done), totals
 
 
-def on_main(rt: Runtime, action: Callable[..., Any], *args: Any) -> None:
+def on_main(rt: Runtime, action: Callable[..., Any], *args: Any, done: bool = False) -> bool:
     """``action(*args)`` on rank 0 only (a checkpoint save); if it fails, every rank stops
-    with its message (see :func:`agree`)."""
+    with its message (see :func:`agree`). Returns whether any rank is ``done`` (asked to
+    stop), agreed on in the same collective."""
     error = None
     if rt.is_main:
         try:
             action(*args)
         except Exception as e:  # agree() re-raises a bug as it is, on this rank
             error = e
-    agree(error, rt)
+    return agree(error, rt, done)
 
 
 def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
-    """``model`` in DistributedDataParallel under torchrun, else ``model`` itself."""
+    """``model`` in DistributedDataParallel under torchrun, else ``model`` itself.
+
+    The step's one collective is DDP's gradient all-reduce: ``forward_sync_buffers=False``
+    (``broadcast_buffers`` before torch 2.13) drops the BatchNorm buffer broadcast DDP makes
+    before every forward pass (the ranks'
+    statistics are made equal once per epoch by :func:`sync_buffers`), gradients live in
+    the all-reduce buckets (``gradient_as_bucket_view``, no copy in and out), and the graph
+    is static: every training step runs every parameter, aux heads included.
+    """
     if not rt.distributed:
         return model
     ids = [rt.device.index] if rt.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    ddp = nn.parallel.DistributedDataParallel
+    # torch 2.13 renamed the option; both still sync the buffers once, at the start.
+    named = "forward_sync_buffers" in inspect.signature(ddp).parameters
+    no_buffer_sync = {"forward_sync_buffers" if named else "broadcast_buffers": False}
+    return ddp(
+        model, device_ids=ids, gradient_as_bucket_view=True, static_graph=True, **no_buffer_sync
+    )
 
 
 def sync_buffers(model: nn.Module, rt: Runtime) -> None:
-    """Copy rank 0's BatchNorm statistics to every rank, so all evaluate the saved model."""
-    if rt.distributed:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
-
-
-def all_reduce_sum(tensor: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place (a no-op in a single process)."""
-    if rt.distributed:
-        dist.all_reduce(tensor)
-    return tensor
+    """Copy rank 0's BatchNorm statistics to every rank in one broadcast, so that all
+    evaluate, and rank 0 saves, the same model. Once per epoch, before the evaluation."""
+    buffers = list(model.buffers())
+    if not rt.distributed or not buffers:
+        return
+    # float64 holds the float32 statistics and the int64 batch counters exactly.
+    flat = torch.cat([b.detach().double().flatten() for b in buffers])
+    dist.broadcast(flat, 0)
+    offset = 0
+    for buffer in buffers:
+        buffer.copy_(flat[offset : offset + buffer.numel()].view_as(buffer))
+        offset += buffer.numel()
 
 
 def teardown(rt: Runtime) -> None:

@@ -1,6 +1,6 @@
 """What a run tells its user while it trains: step lines, epoch lines and TensorBoard.
 
-:class:`LossTotals` sums the loss parts on the device and reads them once per epoch;
+:class:`LossTotals` sums the loss parts on the device, to be read once per epoch;
 :class:`MetricLogger` prints rank 0's log lines and writes its TensorBoard scalars, images
 and histograms. It is ``train.py``'s console, so it writes with ``tqdm.write`` (a line
 that does not break the progress bar); on other ranks every method does nothing.
@@ -22,7 +22,6 @@ from torch import nn
 from tqdm import tqdm
 
 from training import figures
-from training.distributed import Runtime, all_reduce_sum
 from training.rundir import timing_table, training_rates
 from training.step import LOSS_PARTS, StepTimer
 
@@ -31,21 +30,23 @@ NOT_SCALARS = ("samples", "data_s", "train_s")
 
 
 class LossTotals:
-    """Sample-weighted sums of :data:`LOSS_PARTS` over batches, kept on the device."""
+    """Sample-weighted sums of loss ``parts`` over batches, kept on the device."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(len(LOSS_PARTS) + 1, device=device)  # loss parts..., samples
+    def __init__(self, device: torch.device, parts: tuple[str, ...] = LOSS_PARTS) -> None:
+        self.parts = parts
+        self.sums = torch.zeros(len(parts) + 1, device=device)  # loss parts..., samples
         self._one = torch.ones((), device=device)  # made once: no per-batch host-to-device copy
 
     def add(self, losses: dict[str, torch.Tensor], samples: int) -> None:
         """Add one batch's mean losses, weighted by its ``samples``."""
-        self.sums += torch.stack([losses[k].detach() for k in LOSS_PARTS] + [self._one]) * samples
+        self.sums += torch.stack([losses[k].detach() for k in self.parts] + [self._one]) * samples
 
-    def means(self, rt: Runtime) -> tuple[dict[str, float], int]:
-        """``(mean of each loss part, samples)`` over all ranks; every rank must call it."""
-        sums = all_reduce_sum(self.sums, rt).tolist()  # one device sync per epoch
-        samples = int(sums[-1])
-        return {k: s / max(samples, 1) for k, s in zip(LOSS_PARTS, sums)}, samples
+    def means(self, sums: torch.Tensor | None = None) -> tuple[dict[str, float], int]:
+        """``(mean of each loss part, samples)`` of ``sums``: :attr:`sums` summed over the
+        ranks by the caller, or this rank's own when None."""
+        values = (self.sums if sums is None else sums).tolist()  # one device sync per epoch
+        samples = round(values[-1])
+        return {k: s / max(samples, 1) for k, s in zip(self.parts, values)}, samples
 
 
 class RateWindow:
@@ -135,6 +136,7 @@ class MetricLogger:
         global_step = epoch * self.steps_per_epoch + step + 1
         for k, v in values.items():
             self.writer.add_scalar(f"train_step/{k}", v, global_step)
+        self.writer.add_scalar("train_step/lr", lr, global_step)
         self.writer.add_scalar("train_step/samples_per_s", rate, global_step)
         self.writer.add_scalar("train_step/data_wait_share", wait, global_step)
 
@@ -203,7 +205,13 @@ class MetricLogger:
         )
         print(f"results figure: {out / 'results.png'}")
         print(f"metrics:        {out / 'metrics.json'}")
-        print(f"TensorBoard:    tensorboard --logdir {out / 'tb'}")
+        if self._writer is not None or any(self.tb_dir.glob("events.out.tfevents.*")):
+            print(f"TensorBoard:    tensorboard --logdir {self.tb_dir}")
+        for trace in sorted(self.tb_dir.glob("*.pt.trace.json*")):
+            print(
+                f"torch.profiler: {trace} (TensorBoard's PyTorch Profiler tab with "
+                "`pip install torch-tb-profiler`, or open it in https://ui.perfetto.dev)"
+            )
 
     def close(self) -> None:
         """Flush and close the event file, if one was made."""

@@ -117,6 +117,7 @@ def gpu_monitor(
     *,
     enabled: bool = True,
     profile: bool = False,
+    layers: bool = True,
     logger: Any = None,
     log_interval: int = 1,
     note: Callable[[str], None] = log.info,
@@ -125,16 +126,19 @@ def gpu_monitor(
 
     Args:
         enabled: False on ranks other than 0, which monitor nothing.
-        profile: also record a few steps with torch.profiler into ``out/profile``.
+        profile: also record a few steps with torch.profiler into ``out/tb``, the run's
+            TensorBoard log directory, where the PyTorch Profiler plugin looks for traces.
+        layers: record per-layer memory (memory_layers.csv). Off for a compiled model: a
+            hook on every layer would split its graph and recompile it when they go.
         logger: a :class:`training.logger.MetricLogger` for the ``gpu/*`` scalars, or None.
         note: where to say why a report is skipped (no CUDA, no NVML).
     """
     monitor = GpuMonitor(logger=logger, log_interval=log_interval)
     try:
         if enabled:
-            monitor.recorder, monitor.sampler = _start_gpu_reports(model, device, note)
+            monitor.recorder, monitor.sampler = _start_gpu_reports(model, device, note, layers)
             if profile:
-                monitor.profiler = torch_profiler(device, out / "profile")
+                monitor.profiler = torch_profiler(device, out / "tb")
         yield monitor
         monitor.stop()
         monitor.write_reports(out)
@@ -143,9 +147,10 @@ def gpu_monitor(
 
 
 def _start_gpu_reports(
-    model: nn.Module, device: torch.device, note: Callable[[str], None]
+    model: nn.Module, device: torch.device, note: Callable[[str], None], layers: bool = True
 ) -> tuple[LayerMemoryRecorder | None, GpuSampler | None]:
-    """Layer memory hooks and a started NVML sampler, each where the machine allows it."""
+    """Layer memory hooks (with ``layers``) and a started NVML sampler, each where the
+    machine allows it."""
     # The readers are looked up in this module, so a CPU test swaps in fake readings with
     # monkeypatch.setattr(monitor, "cuda_memory_readers" / "nvml_reader", ...).
     try:
@@ -153,7 +158,9 @@ def _start_gpu_reports(
     except GpuUnavailable as e:
         note(f"GPU reports skipped ({e}): no memory_layers.csv or gpu_report.json")
         return None, None
-    recorder = LayerMemoryRecorder(model, *readers)
+    recorder = LayerMemoryRecorder(model, *readers) if layers else None
+    if not layers:
+        note("memory_layers.csv skipped: --compile (per-layer hooks would split the graph)")
     try:
         info, read = nvml_reader(device)
     except GpuUnavailable as e:

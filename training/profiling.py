@@ -15,7 +15,11 @@ from sharding.atomic import atomic_path
 
 
 def torch_profiler(device: torch.device, trace_dir: Path) -> Any:
-    """A started torch.profiler that records a few steps into ``trace_dir`` for TensorBoard."""
+    """A started torch.profiler that records a few steps into ``trace_dir`` for TensorBoard.
+
+    ``tensorboard_trace_handler`` writes ``HOST_PID.TIME.pt.trace.json`` there: give it the
+    TensorBoard log directory and torch-tb-profiler shows it; Perfetto opens it as it is.
+    """
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -1,11 +1,12 @@
 """Training recipes: the optimizer, learning-rate schedule and loss weights, as named presets.
 
-``default`` is AdamW with a linear warm-up and a cosine decay sized from the run's total
-steps (steps per epoch x epochs), so the same settings suit a few hundred samples and the
-full 400,000: a small set gets a short warm-up and decays within its few steps, a large one
-spreads both over its many. ``reference`` is the reference solution's recipe exactly: SGD
-lr 0.01 momentum 0.9, StepLR(2 epochs, 0.1), loss ``2 * BCE + (1 - SSIM)``. The measurements
-that chose the default are in README.md and benchmarks/RESULTS.md.
+The presets' values are :data:`model.recipes.RECIPES` (imported here as ``RECIPES``): the one
+table every default comes from, ``UNetConfig``'s, ``LossConfig``'s and train.py's
+``TrainConfig``'s alike. ``default`` is AdamW with a linear warm-up and a cosine decay sized
+from the run's total steps (steps per epoch x epochs), so the same settings suit a few
+hundred samples and the full 400,000: a small set gets a short warm-up and decays within its
+few steps, a large one spreads both over its many. ``reference`` is the reference solution's
+recipe exactly: SGD lr 0.01 momentum 0.9, StepLR(2 epochs, 0.1), loss ``2 * BCE + (1 - SSIM)``.
 
 Every recipe field is also a train.py option; an explicit option overrides the recipe's value.
 The schedule is stepped once per optimizer step, so a resumed run continues it exactly.
@@ -16,63 +17,26 @@ from __future__ import annotations
 import argparse
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from model import SKIPS
+from model.recipes import RECIPES
 from training.options import positive_int, widths_type
+
+__all__ = ["RECIPES", "LrSchedule", "build_optimizer", "optimizer_implementation", "recipe_values"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step")
 
-# What each recipe sets; train.py options left unset take these values.
-RECIPES: dict[str, dict[str, Any]] = {
-    "default": dict(
-        optimizer="adamw",
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=1e-4,
-        schedule="cosine",
-        warmup=0.05,
-        cooldown=1.0,  # measured: 0.25 gave +0.005 IoU, -0.001 depth SSIM (benchmarks/RESULTS.md)
-        lr_step=2,
-        lr_gamma=0.1,
-        mask_weight=4.0,
-        dice_weight=0.0,  # measured: +0.001 IoU, -0.013 depth SSIM (benchmarks/RESULTS.md)
-        depth_weight=1.0,
-        depth_l1_weight=0.0,  # measured: -0.005 IoU, -0.005 depth SSIM (benchmarks/RESULTS.md)
-        depth_grad_weight=2.0,
-        # measured: depth SSIM 0.919 -> 0.945, IoU 0.942 -> 0.942, means of three seeds (RESULTS.md)
-        depth_aux_weight=0.5,
-        diff_input=True,
-        skip="add",
-        context=True,
-        widths=(16, 32, 64, 192, 384),
-    ),
-    "reference": dict(
-        optimizer="sgd",
-        lr=0.01,
-        momentum=0.9,
-        weight_decay=1e-5,
-        schedule="step",
-        warmup=0.0,
-        cooldown=1.0,
-        lr_step=2,
-        lr_gamma=0.1,
-        mask_weight=2.0,
-        dice_weight=0.0,
-        depth_weight=1.0,
-        depth_l1_weight=0.0,
-        depth_grad_weight=0.0,
-        depth_aux_weight=0.0,
-        diff_input=False,
-        skip="concat",
-        context=False,
-        widths=(16, 32, 64, 128, 256),
-    ),
-}
+
+def recipe_values(name: str = "default", **overrides: Any) -> SimpleNamespace:
+    """Recipe ``name``'s values (and ``overrides``, e.g. ``epochs``) as attributes: what
+    :func:`build_optimizer` reads, for the benchmarks, which have no TrainConfig."""
+    return SimpleNamespace(**{"epochs": 1, **RECIPES[name], **overrides})
 
 
 def fraction(text: str) -> float:
@@ -177,6 +141,16 @@ class LrSchedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def optimizer_implementation(device: torch.device, optimizer: str = "adamw") -> dict[str, bool]:
+    """How the update runs: one fused kernel for all parameters on CUDA (Adam and AdamW),
+    else ``foreach``: a few multi-tensor ops per step instead of a Python loop over the
+    model's ~200 parameter tensors, whose per-tensor ops dominate a small model's update.
+    """
+    if device.type == "cuda" and optimizer in ("adam", "adamw"):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def build_optimizer(
     cfg: Any, model: nn.Module, steps_per_epoch: int = 1
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
@@ -184,13 +158,17 @@ def build_optimizer(
 
     ``steps_per_epoch`` sizes the schedule: cosine spans ``steps_per_epoch * cfg.epochs``.
     """
-    params, decay = model.parameters(), cfg.weight_decay
+    params, decay = list(model.parameters()), cfg.weight_decay
+    device = params[0].device if params else torch.device("cpu")
+    kind = optimizer_implementation(device, cfg.optimizer)
     if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=decay)
+        optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=decay, **kind
+        )
     elif cfg.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=decay)
+        optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=decay, **kind)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=decay, **kind)
     total = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup * total)
     schedule = LrSchedule(

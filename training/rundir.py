@@ -40,20 +40,26 @@ RUNDIR (written by rank 0 only):
 - ``checkpoints/last.pt``, ``checkpoints/best.pt`` (best test IoU): model, optimizer,
   scheduler, epoch, rng (torch, cuda, numpy, python), config, model_config, loader_config,
   history, best_iou; plain tensors and lists, read with ``torch.load(weights_only=True)``.
-- ``tb/``: TensorBoard scalars ``train/*``, ``train_step/*``, ``test/*``, the image grid
-  ``test/samples``, the model graph, ``weights/*`` histograms (``--histograms``), ``gpu/*``;
-  all against the optimizer step (per-epoch values at the epoch's last step), which
-  ``--resume`` continues, dropping what a killed run logged after its checkpoint.
+- ``tb/``: TensorBoard scalars ``train/*``, ``train_step/*`` (at log steps, ``lr``
+  included), ``test/*``, the image grid ``test/samples``, the model graph, ``weights/*``
+  histograms (``--histograms``), ``gpu/*``; all against the optimizer step (per-epoch values
+  at the epoch's last step), which ``--resume`` continues, dropping what a killed run logged
+  after its checkpoint. ``loss`` adds up the same terms for train and test (the aux depth
+  heads' term is ``train/depth_aux``, apart). With ``--profile torch``, the torch.profiler
+  trace ``*.pt.trace.json`` (TensorBoard's PyTorch Profiler tab, or ui.perfetto.dev).
 - ``timings.csv``: epoch, train_s (steps), data_s (waiting for batches), eval_s (the test
   pass), misc_s (the rest: checkpoints, logging), samples, samples_per_s (training samples
   over train_s + data_s, the figure the step log and the progress bar show).
-- ``metrics.json``: ``test`` (iou, dice, depth_rmse, depth_mae, depth_ssim, loss, mask_bce,
-  depth_ssim_loss, samples on the whole test split), ``history`` (per epoch: train, test,
-  timing), ``params``, ``macs``, ``best_test_iou``.
+- ``metrics.json``: ``test`` (the last epoch's evaluation: iou, dice, depth_rmse, depth_mae,
+  depth_ssim, loss, mask_bce, depth_ssim_loss, samples, on the test split as capped by
+  ``--max-batches``), ``history`` (per epoch: train, test, timing), ``params``, ``macs``,
+  ``best_test_iou``.
 - ``results.png``: test samples with bg, fg_bg, true/predicted mask (IoU), true/predicted depth.
-- ``cprofile.prof`` (``--profile cprofile``), ``profile/`` (``--profile torch``).
+- ``cprofile.prof`` (``--profile cprofile``).
+- ``--test-only`` writes config.json, metrics.json and results.png only.
 - On CUDA: ``memory_layers.csv`` (per-layer memory, first steps) and ``gpu_report.json``.
 """
+# "profile" is where runs before tb/ held their torch.profiler traces: --overwrite removes it.
 # fmt: off
 RUN_FILES = (
     "config.json", "metrics.json", "timings.csv", "results.png", "memory_layers.csv",
@@ -90,7 +96,14 @@ class RunDir:
         """The checkpoint of the epoch with the best test IoU."""
         return self.path / "checkpoints" / "best.pt"
 
-    def prepare(self, config: dict[str, Any], resume: bool, overwrite: bool, rt: Runtime) -> None:
+    def prepare(
+        self,
+        config: dict[str, Any],
+        resume: bool,
+        overwrite: bool,
+        rt: Runtime,
+        test_only: bool = False,
+    ) -> None:
         """Rank 0 checks and creates the directory; every rank raises rank 0's refusal.
 
         The other ranks wait for rank 0's verdict, so none starts on a directory that rank
@@ -99,14 +112,17 @@ class RunDir:
         problem = None
         if rt.is_main:
             try:
-                self._prepare(config, resume, overwrite)
+                self._prepare(config, resume, overwrite, test_only)
             except TrainError as e:
                 problem = str(e)
         if problem := rank0_verdict(problem, rt):
             raise TrainError(problem)
 
-    def _prepare(self, config: dict[str, Any], resume: bool, overwrite: bool) -> None:
-        """Refuse to mix two runs in one directory; create it and write config.json."""
+    def _prepare(
+        self, config: dict[str, Any], resume: bool, overwrite: bool, test_only: bool
+    ) -> None:
+        """Refuse to mix two runs in one directory; create it (with checkpoints/ unless
+        ``test_only``) and write config.json."""
         # A directory whose run failed before its first checkpoint holds nothing worth keeping.
         existing = self.last.exists() or (self.path / "metrics.json").exists()
         if resume and not self.last.exists():
@@ -120,7 +136,7 @@ class RunDir:
             for name in RUN_FILES:
                 target = self.path / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (self.path if test_only else self.last.parent).mkdir(parents=True, exist_ok=True)
         write_json(self.path / "config.json", config)  # rewritten on --resume: this machine's
 
     def save_epoch(self, state: TrainState, is_best: bool) -> None:

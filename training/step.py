@@ -18,21 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from model import UNet
+from model import UNet, UNetConfig
 from pipeline import LoaderError
-from training.distributed import Runtime, agree
+from training.distributed import Runtime, agree, agree_and_sum
 from training.errors import TrainError
 
-# What MaskDepthLoss returns, in the order the logs and metrics.json show them.
-LOSS_PARTS = (
+# What MaskDepthLoss returns for the logs, in the order they and metrics.json show them.
+# "loss" adds up the same terms in both splits; the auxiliary depth term is training's only.
+TEST_LOSS_PARTS = (
     "loss",
     "mask_bce",
     "mask_dice_loss",
     "depth_ssim_loss",
     "depth_l1",
     "depth_grad",
-    "depth_aux",
 )
+LOSS_PARTS = (*TEST_LOSS_PARTS, "depth_aux")
 # Failures the user can act on: every rank reports them as the same one line.
 USER_ERRORS = (TrainError, LoaderError)
 
@@ -41,7 +42,7 @@ USER_ERRORS = (TrainError, LoaderError)
 class StepOutput:
     """One forward pass: the losses, the float32 predictions and the targets, on the device."""
 
-    losses: dict[str, torch.Tensor]  # LOSS_PARTS, 0-dim; "loss" is what backward() ran on
+    losses: dict[str, torch.Tensor]  # 0-dim: LOSS_PARTS and "objective", what backward() ran on
     mask_logits: torch.Tensor  # (B, 1, H, W)
     depth_pred: torch.Tensor  # (B, 1, h, w)
     mask: torch.Tensor  # (B, 1, H, W) in {0, 1}
@@ -90,9 +91,25 @@ def train_step(
     """One optimisation step on ``batch``: forward, loss, backward, optimizer step."""
     out = forward_loss(model, loss_fn, batch, rt)
     optimizer.zero_grad(set_to_none=True)
-    out.losses["loss"].backward()
+    out.losses["objective"].backward()
     optimizer.step()
     return out
+
+
+def read_losses(losses: dict[str, torch.Tensor], parts: tuple[str, ...] = LOSS_PARTS) -> dict:
+    """``parts`` of a step's ``losses`` as floats, in one device-to-host copy."""
+    # note: a CPU-GPU sync point, so it happens only at log steps
+    values = torch.stack([losses[k].detach() for k in parts]).tolist()
+    return dict(zip(parts, values))
+
+
+def zero_batch(cfg: UNetConfig, batch_size: int, rt: Runtime) -> dict[str, torch.Tensor]:
+    """A batch of zeros shaped as the loader's for the model ``cfg``: what a rank that could
+    not read its batch trains on until the ranks next agree (:class:`StopCheck`)."""
+    image = (batch_size, cfg.in_channels, cfg.mask_size, cfg.mask_size)
+    zeros = {"bg": image, "fg_bg": image, "mask": (batch_size, 1, cfg.mask_size, cfg.mask_size)}
+    zeros["depth"] = (batch_size, 1, cfg.depth_size, cfg.depth_size)
+    return {k: torch.zeros(shape, device=rt.device) for k, shape in zeros.items()}
 
 
 class StepTimer:
@@ -187,17 +204,21 @@ class StopCheck:
     """Ends an epoch's steps on every rank together: when one rank fails, or when a signal
     asked a rank to stop.
 
-    Every rank takes the same number of steps (``pipeline.order``), so before each step the
-    ranks agree (:func:`training.distributed.agree`) whether any has failed (a batch it could
-    not read, a loss it found not finite at its last log step) or was asked to stop. A failure
-    makes all raise the same error before the next gradient all-reduce, instead of the others
-    waiting in it for a rank that has left; a stop ends the epoch on all at the same step
-    (``stopped``), so that the checkpoint saved then holds the same position for every rank.
-    In a single process a failure is raised at once.
+    Every rank takes the same number of steps (``pipeline.order``), and the ranks agree
+    (:func:`training.distributed.agree`, one host collective) only where the loop asks them
+    to: at log steps, checkpoint steps and the epoch's end, so the step itself keeps DDP's
+    gradient all-reduce as its one collective. A failure (a batch this rank could not read,
+    a loss it found not finite at a log step) is kept until then, and all ranks raise the
+    same error there; a rank whose batch failed trains on zeros (``filler``) meanwhile, so
+    that the others are not left waiting for it in the gradient all-reduce. Nothing is saved
+    before that agreement: a checkpoint step agrees first. A stop ends the epoch on all at
+    the same step (``stopped``), so that the checkpoint saved then holds the same position
+    for every rank. In a single process a failure is raised at once and agreeing is free,
+    so a stop is seen at every step.
     """
 
-    def __init__(self, rt: Runtime, steps: int) -> None:
-        self.rt, self.steps = rt, steps
+    def __init__(self, rt: Runtime, filler: Callable[[], dict[str, Any]]) -> None:
+        self.rt, self.filler = rt, filler
         self.error: BaseException | None = None
         self.stopped = False
 
@@ -207,25 +228,33 @@ class StopCheck:
             raise error
         self.error = self.error or error
 
-    def next_batch(
-        self, timer: StepTimer, batches: Iterator[dict[str, Any]], step: int, stop: bool = False
-    ) -> dict[str, Any] | None:
-        """Step ``step``'s batch, or None when the ranks agreed to stop (``stop``: this rank
-        was asked to); raises on every rank when any rank has failed."""
-        batch = None
-        if self.error is None and not stop:
+    def next_batch(self, timer: StepTimer, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next batch, or after a failure on this rank the filler batch."""
+        if self.error is None:
             try:
                 batch = timer.next_batch(batches)
-            except Exception as e:  # a loader error on this rank only: tell the others first
+            except Exception as e:  # a loader error on this rank only: told at the next agreement
                 self.fail(e)
-        if agree(self.error, self.rt, stop, USER_ERRORS):
-            self.stopped = True
-            return None
-        return batch
+            else:
+                if batch is not None:
+                    return batch
+                self.fail(TrainError("the training loader ended before the epoch's last step"))
+        return self.filler()
 
-    def finish(self) -> None:
-        """Every rank, at the epoch's end: stop all if any failed in its last step."""
-        agree(self.error, self.rt, user_errors=USER_ERRORS)
+    def due(self, *points: bool) -> bool:
+        """Whether to agree now: at any of ``points``, and at every step in one process."""
+        return any(points) or not self.rt.distributed
+
+    def agree(self, stop: bool) -> bool:
+        """Every rank, at an agreement point: raise on all if any failed; True (and
+        ``stopped``) when any rank was asked to ``stop``."""
+        self.stopped = agree(self.error, self.rt, stop, USER_ERRORS)
+        return self.stopped
+
+    def finish(self, totals: torch.Tensor) -> torch.Tensor:
+        """Every rank, at the epoch's end: stop all if any failed since the last agreement;
+        ``totals`` summed over the ranks, in the same collective."""
+        return agree_and_sum(totals, self.error, self.rt, user_errors=USER_ERRORS)[1]
 
 
 @contextmanager
