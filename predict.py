@@ -24,10 +24,9 @@ when that changes an input's aspect ratio.
 
 from __future__ import annotations
 
-import os
+import sharding.openmp  # noqa: F401  (first: OpenMP's wait policy, before torch loads)
 
-# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# isort: split
 
 import argparse
 import sys

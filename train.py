@@ -17,10 +17,9 @@ longer than its ``--shutdown-timeout`` (30 s): raise it if --log-interval steps 
 
 from __future__ import annotations
 
-import os
+import sharding.openmp  # noqa: F401  (first: OpenMP's wait policy, before torch loads)
 
-# Before torch loads OpenMP: its busy-waiting threads made steps 10x slower on 2 shared cores.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# isort: split
 
 import argparse
 import cProfile

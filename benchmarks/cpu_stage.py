@@ -20,10 +20,6 @@ The issue's goal is a CPU stage of at most 2 ms per batch of 512. Figures are me
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
-
 import argparse
 import statistics
 import sys

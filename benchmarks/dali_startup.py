@@ -13,11 +13,6 @@ for the first import and DALI's one-off start-up, so the summary uses the later 
 
 from __future__ import annotations
 
-import os
-
-# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import json
 import statistics

@@ -26,16 +26,12 @@ loader does with ``--both-augment-in``.
 
 from __future__ import annotations
 
-import os
-
-# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import io
 import json
 import logging
 import multiprocessing
+import os
 import random
 import resource
 import statistics

@@ -22,11 +22,6 @@ the end, paths train.py printed included; the last line says so, and ``--json`` 
 
 from __future__ import annotations
 
-import os
-
-# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import csv
 import json

@@ -17,13 +17,9 @@ for free.
 
 from __future__ import annotations
 
-import os
-
-# Before torch is imported: OpenMP threads that busy-wait crawl when the cores are shared.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import datetime
+import os
 import platform
 import sys
 import time

@@ -30,6 +30,7 @@ CLIS = (
     "benchmarks.quality",
 )
 TORCH_BENCHMARKS = [name for name in CLIS if name.startswith("benchmarks.")]
+TORCH_BENCHMARKS.append("benchmarks.cpu_stage")
 
 
 class _Parsed(Exception):
