@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import LoaderError
-from pipeline.config import AUGMENT_IN
+from pipeline.config import AUGMENT_IN, BACKENDS
 from training import checkpoint, distributed, figures, monitor
 from training.builders import build_loaders, build_state
 from training.checkpoint import TrainState
@@ -121,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--train", help="train shards in brace notation, D/train-{000000..000009}.tar (or s3://)"
     )
     g.add_argument("--test", help="test shards in brace notation (with --train)")
-    loaders = ("auto", "dali", "torch")
-    g.add_argument("--loader", choices=loaders, default=d.loader, help="auto: DALI if it imports")
+    g.add_argument("--loader", choices=BACKENDS, default=d.loader, help="auto: DALI if it imports")
     g.add_argument("--num-threads", type=positive_int, help="loader threads (default: CPUs/rank)")
     g.add_argument(
         "--batch-size", type=positive_int, default=d.batch_size, help="samples per step, per rank"

@@ -438,7 +438,7 @@ def test_missing_object_is_named(s3_env, s3_shards, tiny_zips, tmp_path):
     with pytest.raises(LoaderError, match=f"{url}/train-000002.tar: no such object"):
         build_loader(url, "train", LoaderConfig(backend="torch"))
     result = run_cli("train.py", "--data", f"s3://{BUCKET}/nothing", "--out", str(tmp_path / "r"))
-    one_line_error(result, f"s3://{BUCKET}/nothing: no manifest.json there", prefix="train.py")
+    one_line_error(result, f"s3://{BUCKET}/nothing/manifest.json: not found", prefix="train.py")
     assert not (tmp_path / "r").exists()
 
 

@@ -2,39 +2,45 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
 from training import step as step_module
 from training.distributed import Runtime
+from training.logger import RateWindow
 from training.step import StepTimer
 
 WAIT_S, WORK_S, STEPS = 0.03, 0.01, 6
 
 
+class FakeClock:
+    """The host clock the timer reads, advanced only by the test: exact, whatever the load."""
+
+    now = 0.0
+
+    def __call__(self) -> float:
+        return FakeClock.now
+
+
 def slow_batches(n: int):
     for i in range(n):
-        time.sleep(WAIT_S)  # the loader is the bottleneck
+        FakeClock.now += WAIT_S  # the loader is the bottleneck
         yield {"i": i}
 
 
 def run_steps(timer: StepTimer, n: int) -> None:
     batches = slow_batches(n)
-    while (batch := timer.next_batch(batches)) is not None:
-        time.sleep(WORK_S)
+    while timer.next_batch(batches) is not None:
+        FakeClock.now += WORK_S
         timer.step_done(samples=4)
-        assert batch["i"] >= 0
 
 
 def test_cpu_split_follows_the_host_clock():
-    timer = StepTimer(Runtime(device=torch.device("cpu")))
+    timer = StepTimer(Runtime(device=torch.device("cpu")), clock=FakeClock())
     run_steps(timer, STEPS)
     assert timer.samples == 4 * STEPS
-    assert timer.data_s == pytest.approx(STEPS * WAIT_S, rel=0.5)
-    assert timer.train_s == pytest.approx(STEPS * WORK_S, rel=0.5)
-    assert timer.data_s > timer.train_s
+    assert timer.data_s == pytest.approx(STEPS * WAIT_S)
+    assert timer.train_s == pytest.approx(STEPS * WORK_S)
 
 
 class HostEvent:
@@ -47,7 +53,7 @@ class HostEvent:
         self.t = None
 
     def record(self) -> None:
-        self.t = time.perf_counter()
+        self.t = FakeClock.now  # a GPU that computes exactly as long as the host says
 
     def synchronize(self) -> None:
         HostEvent.syncs += 1
@@ -59,14 +65,16 @@ class HostEvent:
 def test_cuda_split_comes_from_events_read_only_when_asked(monkeypatch):
     monkeypatch.setattr(step_module.torch.cuda, "Event", HostEvent)
     HostEvent.syncs = 0
-    timer = StepTimer(Runtime(device=torch.device("cuda")))
+    timer = StepTimer(Runtime(device=torch.device("cuda")), clock=FakeClock())
     run_steps(timer, STEPS)
     assert HostEvent.syncs == 0  # no step waited for the device
-    assert timer.data_s == pytest.approx(STEPS * WAIT_S, rel=0.5)  # first wait + idle gaps
-    assert timer.train_s == pytest.approx(STEPS * WORK_S, rel=0.5)
+    assert timer.data_s == pytest.approx(STEPS * WAIT_S)  # first wait + the GPU's idle gaps
+    assert timer.train_s == pytest.approx(STEPS * WORK_S)
     assert HostEvent.syncs == 1  # one sync to read the figures, then nothing pending
-    rate, wait = timer.window()
-    assert HostEvent.syncs == 1 and 0 < wait <= 1 and rate > 0
+    rate, wait = RateWindow(timer).read()
+    assert HostEvent.syncs == 1
+    assert wait == pytest.approx(WAIT_S / (WAIT_S + WORK_S))
+    assert rate == pytest.approx(4 / (WAIT_S + WORK_S))
 
 
 @pytest.mark.gpu

@@ -585,7 +585,8 @@ def test_results_captions_are_each_samples_iou(tiny_shards, tmp_path):
 
 def test_missing_data_dir_is_one_line_error(tmp_path):
     result = run_cli("train.py", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
-    one_line_error(result, "no manifest.json")
+    one_line_error(result, f"{tmp_path / 'nowhere'}: no such dataset directory")
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("given", ["zip", "txt"])

@@ -15,8 +15,7 @@ from torch import nn
 
 from model import LOSS_WEIGHTS, LossConfig, MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
-from sharding import storage
-from sharding.shard_format import MANIFEST, not_a_dataset
+from sharding.shard_format import not_a_dataset
 from training import distributed
 from training.checkpoint import FIXED_ON_RESUME, TrainState
 from training.distributed import Runtime
@@ -30,15 +29,6 @@ def build_loaders(cfg: Any, rt: Runtime) -> tuple[Any, Any, LoaderConfig]:
     reads its part of the shards."""
     if cfg.data and (wrong := not_a_dataset(cfg.data)):  # a zip or a file: one line, not a trace
         raise TrainError(f"--data {wrong}")
-    try:  # a directory or an s3:// prefix
-        has_manifest = not cfg.data or storage.exists(storage.join(cfg.data, MANIFEST))
-    except (storage.StorageError, OSError) as e:
-        raise TrainError(f"--data {e}") from None
-    if not has_manifest:
-        raise TrainError(
-            f"--data {cfg.data}: no {MANIFEST} there; build shards with "
-            "`python -m sharding.build ZIPS --out DIR` and pass that DIR"
-        )
     loader_cfg = LoaderConfig(
         backend=cfg.loader,
         device=str(rt.device),

@@ -123,28 +123,25 @@ class StepTimer:
     which is the time the host spent waiting for that batch once the queue ran dry.
     """
 
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
+    def __init__(self, rt: Runtime, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.rt, self.clock = rt, clock  # the host clock; tests inject their own
         self.cuda = rt.device.type == "cuda"
         self.samples = 0
         self._data_s = 0.0
         self._train_s = 0.0
-        self._ready = time.perf_counter()  # when the last batch arrived
-        self._window_start = self._ready
-        self._window_data_s = 0.0
-        self._window_samples = 0
+        self._ready = clock()  # when the last batch arrived
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._start: torch.cuda.Event | None = None  # the current step's start event
         self._last_end: torch.cuda.Event | None = None  # the last read step's end event
 
     def next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any] | None:
         """The next batch from ``batches`` (None when they run out), its wait counted."""
-        tic = time.perf_counter()
+        tic = self.clock()
         batch = next(batches, None)
-        self._ready = time.perf_counter()
+        self._ready = self.clock()
         if not self.cuda or (self._last_end is None and not self._pending):
             # On CUDA only the first wait is host time: no GPU work came before it.
-            self._add_data(self._ready - tic)
+            self._data_s += self._ready - tic
         if self.cuda and batch is not None:
             self._start = torch.cuda.Event(enable_timing=True)
             self._start.record()
@@ -157,9 +154,8 @@ class StepTimer:
             end.record()  # read later: no sync here
             self._pending.append((self._start, end))
         else:
-            self._train_s += time.perf_counter() - self._ready
+            self._train_s += self.clock() - self._ready
         self.samples += samples
-        self._window_samples += samples
 
     @property
     def data_s(self) -> float:
@@ -173,19 +169,6 @@ class StepTimer:
         self._read_events()
         return self._train_s
 
-    def window(self) -> tuple[float, float]:
-        """``(samples/s, data-wait share)`` since the previous call, for a log line."""
-        self._read_events()
-        now = time.perf_counter()
-        elapsed = max(now - self._window_start, 1e-9)
-        rate, wait = self._window_samples / elapsed, min(self._window_data_s / elapsed, 1.0)
-        self._window_start, self._window_data_s, self._window_samples = now, 0.0, 0
-        return rate, wait
-
-    def _add_data(self, seconds: float) -> None:
-        self._data_s += seconds
-        self._window_data_s += seconds
-
     def _read_events(self) -> None:
         """Turn the queued steps' events into seconds; waits for the last one to finish."""
         if not self._pending:
@@ -194,7 +177,7 @@ class StepTimer:
         self._pending[-1][1].synchronize()
         for start, end in self._pending:
             if self._last_end is not None:
-                self._add_data(self._last_end.elapsed_time(start) / 1000)
+                self._data_s += self._last_end.elapsed_time(start) / 1000
             self._train_s += start.elapsed_time(end) / 1000
             self._last_end = end
         self._pending.clear()
