@@ -377,6 +377,21 @@ def test_bad_config_values_fail_loudly(tiny_shards):
         build_loader(tiny_shards.parent, "train", BASE)
 
 
+@pytest.mark.parametrize("module", ["pipeline.preview", "benchmarks.loaders", "sharding.verify"])
+def test_a_zip_where_shards_belong_gets_verifys_line(module, tiny_zips, tmp_path):
+    zip_path = sorted(tiny_zips.glob("*.zip"))[0]
+    before = zip_path.read_bytes()
+    args = ["--data", str(zip_path)] if module != "sharding.verify" else [str(zip_path)]
+    if module == "pipeline.preview":
+        args += ["--out", str(tmp_path / "grid.png")]
+    result = run_cli("-m", module, *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert f"{zip_path}: is a zip; a shard directory (with manifest.json) is needed here" in line
+    assert "python -m sharding.build ZIPS --out DIR" in line
+    assert zip_path.read_bytes() == before and not list(tmp_path.iterdir())
+
+
 def test_import_pipeline_without_dali():
     code = (
         "import sys; sys.modules['nvidia'] = None\n"
