@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     if all(r["rc"] == 0 for r in results.values()):
         for name, argv_, timeout in steps(out, work / "shards", py, args.quick, rgb_shards):
             results[name] = run_step(name, argv_, timeout, out)
-    from benchmarks.loaders import load_average  # imports torch: loaded by now, not at start
+    from benchmarks.report import load_average
 
     summary = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

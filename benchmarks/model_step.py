@@ -18,9 +18,6 @@ CPU.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import statistics
 import sys
 import time
@@ -30,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.loaders import load_average
-from benchmarks.report import missing_dir, write_report
+from benchmarks.report import machine_info, missing_dir, write_report
 from model import MaskDepthLoss, UNet, UNetConfig
 from training.distributed import DeviceError, Runtime, resolve_device
 from training.recipe import build_optimizer, recipe_values
@@ -121,35 +117,6 @@ def configurations(device: torch.device, compile_too: bool) -> list[tuple[str, s
     dtypes = ["fp32", "bf16"] if device.type == "cuda" else ["fp32"]
     eager = [(layout, dtype, False) for dtype in dtypes for layout in LAYOUTS]
     return eager + [("channels_last", dtype, True) for dtype in dtypes if compile_too]
-
-
-def cpu_name() -> str:
-    """CPU model name; platform.processor() is empty on most Linux systems."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    """What the figures were measured on."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        # OpenMP threads that spin while waiting crawl when other processes share the cores.
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "device": str(device),
-        "device_name": name,
-        "load_avg_1m": load[0] if (load := load_average()) else None,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
 
 
 def format_table(results: list[dict]) -> str:

@@ -35,9 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.loaders import load_average
-from benchmarks.report import missing_dir, write_report
-from benchmarks.train_throughput import machine
+from benchmarks.report import load_average, machine_info, missing_dir, write_report
 from model import MaskDepthMetrics, UNet, UNetConfig, count_parameters
 from pipeline import LoaderConfig, LoaderError, build_loader
 from sharding.build import ShardConfig, build
@@ -190,7 +188,10 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "train_s": train_s <= GOALS["train_s"],
     }
     return {
-        "machine": {**machine(torch.device("cpu")), "load_1min": [load_before, load_average()[0]]},
+        "machine": {
+            **machine_info(torch.device("cpu")),
+            "load_1min": [load_before, load_average()[0]],
+        },
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "samples": {split: manifest["splits"][split]["samples"] for split in ("train", "test")},
         "test": mean,  # the mean over runs (one run: its metrics)

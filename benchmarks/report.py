@@ -44,8 +44,22 @@ def load_average() -> list[float] | None:
     return [round(load, 2) for load in os.getloadavg()]  # 1.1708984375 says no more than 1.17
 
 
-def machine_info() -> dict:
-    """Cores, GPU, date, versions, and the load average: other users' load skews wall rates."""
+def cpu_name() -> str:
+    """CPU model name; platform.processor() is empty on most Linux systems."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device=None) -> dict:
+    """What the figures were measured on: cores, CPU, GPU, versions, OpenMP's wait policy, the
+    date and the load average (other users' load skews wall rates). ``device``: the
+    ``torch.device`` a benchmark timed, named too."""
     import torch  # here, not at the top: shard_vs_unzip uses this module without torch
 
     load_at_end = load_average()
@@ -57,14 +71,24 @@ def machine_info() -> dict:
             break
         except PackageNotFoundError:
             continue
-    return {
+    info = {
         "cores": cores(),
+        "cpu": cpu_name(),
         "gpu": gpu,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "dali": dali_version,
+        # OpenMP threads that spin while waiting crawl when other processes share the cores.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_at_end": load_at_end,
         "load_average_1m_at_end": load_at_end[0] if load_at_end else None,
     }
+    if device is not None:
+        info["device"] = str(device)
+        info["device_name"] = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+        )
+    return info

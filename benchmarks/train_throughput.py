@@ -18,9 +18,6 @@ for free.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -30,7 +27,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import missing_dir, write_report
+from benchmarks.report import machine_info, missing_dir, write_report
 from model import MaskDepthLoss, UNet, UNetConfig
 from pipeline import LoaderConfig, LoaderError, build_loader
 from training.distributed import DEVICES, DeviceError, Runtime, resolve_device
@@ -170,22 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     described = {"description": model.describe(), **asdict(model)} if model else None
     return {
-        "machine": machine(rt.device),
+        "machine": machine_info(rt.device),
         "config": vars(args),
         "model": described,
         "results": results,
-    }
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """What the figures were measured on."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": datetime.date.today().isoformat(),
     }
 
 

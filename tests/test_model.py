@@ -515,7 +515,7 @@ def test_benchmark_runs_end_to_end(tmp_path):
     result = run_module(*args, "--no-compile", "--json", str(out))
     assert result.returncode == 0, result.stderr
     payload = json.loads(out.read_text())
-    assert {"cpu_count", "torch_version", "device_name", "date"} <= set(payload["machine"])
+    assert {"cores", "torch", "device_name", "date", "omp_wait_policy"} <= set(payload["machine"])
     layouts = {row["layout"] for row in payload["results"]}
     assert layouts == {"contiguous", "channels_last"}
     assert all(row["samples_per_s"] > 0 and row["compile"] is False for row in payload["results"])
