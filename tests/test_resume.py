@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 import train
+from tests.conftest import one_line_error as shared_one_line_error
+from tests.conftest import snapshot as shared_snapshot
 from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
@@ -41,20 +44,9 @@ def ok(result) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
 
 
-def one_line_error(result, *parts: str) -> str:
-    """Exit 1, no traceback, one ``train.py: error`` line holding every one of ``parts``."""
-    assert result.returncode == 1, result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error")]
-    assert len(errors) == 1, result.stderr
-    for part in parts:
-        assert part in errors[0], errors[0]
-    return errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes: what a refused command must leave alone."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+# train.py's refusals: exit 1, no traceback, one "train.py: error" line (conftest's check)
+one_line_error = partial(shared_one_line_error, prefix="train.py: error", alone=False)
+snapshot = partial(shared_snapshot, dirs=False)  # files only: what a refusal must leave alone
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

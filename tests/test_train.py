@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -65,12 +66,8 @@ def ok(result) -> None:
     assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
 
 
-def one_line_error(result, match: str) -> None:
-    """Non-zero exit, no traceback, and one stderr line naming the problem."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("train.py: error")]
-    assert len(errors) == 1 and match in errors[0], result.stderr
+# train.py's refusals: non-zero exit, no traceback, one "train.py: error" line (conftest's)
+one_line_error = partial(cli_error, code=None, prefix="train.py: error", alone=False)
 
 
 def history_values(metrics: dict) -> list[float]:
