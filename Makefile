@@ -45,9 +45,7 @@ install-check:
 
 # The whole job on a small generated dataset: zips -> shards -> train -> evaluate. The demo
 # trains a slimmer UNet with the default recipe for 10 epochs so it finishes in minutes on 2
-# CPU cores: test IoU 0.9653 in 8 min 30 s on a fresh clone (2026-11-29, with the aux depth
-# heads; 0.9684 without them), against 0.9226 with the Adam + StepLR flags it used before
-# (README, "Headline figures").
+# CPU cores (benchmarks/RESULTS.md, "make demo", has the measured IoU and wall time).
 demo: $(STAMP)
 	$(PY) -m sharding.synth --out $(DEMO)/zips --batches 2 --backgrounds 20 --foregrounds 8 \
 		--placements 4 --seed 0 --overwrite
