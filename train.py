@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import LoaderError
+from pipeline.cache import CACHE_DIR_HELP
 from pipeline.config import AUGMENT_IN, BACKENDS
 from training import checkpoint, distributed, figures, monitor
 from training.builders import build_loaders, build_state
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--cache-dir",
-        help="node-local cache of s3:// shards (default: $MASKDEPTH_CACHE or ~/.cache/maskdepth)",
+        help=CACHE_DIR_HELP,
     )
     g.add_argument(
         "--cache-limit", type=positive_int, metavar="BYTES", help="refuse data larger than this"

@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from benchmarks.report import cores, load_average, machine_info, missing_dir, write_report
 from pipeline import LoaderConfig, LoaderError, build_loader
+from pipeline.cache import CACHE_DIR_HELP
 from pipeline.config import AUGMENT_IN
 from pipeline.loader import dali_available, resolve_augment_in
 from pipeline.samples import build_table, read_member, scan_tar
@@ -530,7 +531,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--cache-dir",
-        help="where s3:// shards are cached (default: $MASKDEPTH_CACHE or ~/.cache/maskdepth)",
+        help=CACHE_DIR_HELP,
     )
     parser.add_argument("--seed", type=int, default=0, help="shuffle and augmentation seed")
     parser.add_argument(

@@ -40,6 +40,7 @@ from sharding.shard_format import MANIFEST
 log = logging.getLogger(__name__)
 
 ENV = "MASKDEPTH_CACHE"
+CACHE_DIR_HELP = f"node-local cache of s3:// shards (default: ${ENV} or ~/.cache/maskdepth)"
 FETCH_THREADS = 4
 _HASH_CHUNK = 1 << 22
 

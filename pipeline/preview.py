@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
+from pipeline.cache import CACHE_DIR_HELP
 from pipeline.config import AUGMENT_IN
 from pipeline.grid import compose, save_png, to_pil
 
@@ -80,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument(
         "--cache-dir",
-        help="where s3:// shards are cached (default: $MASKDEPTH_CACHE or ~/.cache/maskdepth)",
+        help=CACHE_DIR_HELP,
     )
     return parser.parse_args(argv)
 
