@@ -285,6 +285,20 @@ def test_ctrl_c_in_the_first_epoch_says_to_start_again(tiny_shards, tmp_path, mo
     ok(cli(capsys, *command))  # what the message says works: the same command again
 
 
+def test_ctrl_c_after_a_mid_epoch_checkpoint_says_where_it_holds(
+    tiny_shards, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "run"
+    command = ("--data", str(tiny_shards), "--epochs", "1", "--out", str(out), *TINY_RUN)
+    interrupt_at_step(monkeypatch, 2)  # a KeyboardInterrupt inside step 2, after step 1's save
+    result = cli(capsys, *command, "--checkpoint-every", "1")
+    assert result.returncode == 130
+    last = out / "checkpoints" / "last.pt"
+    assert (
+        f"{last} holds epoch 1 up to sample 4 of its order: continue with --resume" in result.stderr
+    )
+
+
 def test_ctrl_c_after_an_epoch_resumes(runs, tiny_shards, tmp_path, monkeypatch, capsys):
     """Interrupted in epoch 2: the hint says --resume, and --resume ends as an uninterrupted
     run does."""

@@ -35,13 +35,19 @@ def diverged(what: str, last_checkpoint: Path) -> TrainError:
 def interrupted(run: Any, test_only: bool) -> str:
     """What to tell a user who stopped a run with Ctrl-C: what is kept and how to go on.
 
-    ``run`` is the run's :class:`training.rundir.RunDir`. Checkpoints are written only after
-    whole epochs, so a run stopped before its first one has nothing to resume.
+    ``run`` is the run's :class:`training.rundir.RunDir`. A run stopped before its first
+    checkpoint (an epoch's end, or ``--checkpoint-every``) has nothing to resume.
     """
     if test_only:
         return "interrupted; the evaluation did not finish, run it again"
     if run.last.is_file():
-        return f"interrupted; {run.last} holds the last finished epoch: continue with --resume"
+        from training.checkpoint import CheckpointError, load_checkpoint  # it imports this module
+
+        try:
+            saved = load_checkpoint(run.last)
+            return str(Stopped(int(saved["epoch"]), int(saved.get("position", 0)), run.last))
+        except (CheckpointError, KeyError, ValueError):
+            return f"interrupted; {run.last} holds the last checkpoint: continue with --resume"
     return (
         f"interrupted before the first epoch finished, so there is no checkpoint in {run.path} "
         "to resume; start again with the same command"
