@@ -30,7 +30,7 @@ from pipeline.config import LoaderConfig, LoaderError, resolve_rank
 from pipeline.order import Slicing, epoch_order
 from pipeline.samples import build_table
 from pipeline.source import DataSource, resolve_source
-from sharding.shard_format import SPLITS
+from sharding.shard_format import PARTS, SPLITS
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,7 @@ class Loader:
                     batch["params"] = drawn_params(batch_keys, self.cfg, epoch, self.channels)
                 if not batch["bg"].is_cuda:
                     # On the CPU DALI reuses its output buffers: copy, keeping NHWC memory.
-                    batch.update((p, batch[p].clone()) for p in ("bg", "fg_bg", "mask", "depth"))
+                    batch.update((p, batch[p].clone()) for p in PARTS)
                 yield batch
             return
         bank = self._noise_bank() if self.augment else None

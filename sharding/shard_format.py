@@ -86,12 +86,6 @@ def split_member(name: str) -> tuple[str, str]:
     return key, ext
 
 
-def part_of(ext: str) -> str | None:
-    """The part a member extension holds (``fg_bg.jpg`` -> ``fg_bg``), or None."""
-    part = ext.removesuffix(".jpg")
-    return part if part in PARTS and ext == image_ext(part) else None
-
-
 def shard_stem(split: str, number: int) -> str:
     """``train-000003``: the name of a shard's tar and index without their suffixes."""
     return f"{split}-{number:06d}"

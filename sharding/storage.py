@@ -16,12 +16,10 @@ a wrong endpoint or a missing bucket fails within seconds with one line naming t
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import IO
 
 from sharding.atomic import atomic_write
 
@@ -36,7 +34,6 @@ MAX_ATTEMPTS = 2
 # S3 needs every part but the last to be at least 5 MiB.
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_PART_BYTES = 16 * 1024 * 1024
-_STREAM_BUFFER = 1 << 20  # read-ahead of a streamed object (one GET streams all of it)
 
 
 class StorageError(OSError):
@@ -212,45 +209,6 @@ def download(url: str, local: str | os.PathLike, progress=None) -> None:
 def read_text(path: str | os.PathLike) -> str:
     """The file or object decoded as UTF-8."""
     return read_bytes(path).decode("utf-8")
-
-
-class _ObjectStream(io.RawIOBase):
-    """An S3 object's body as a raw stream whose read errors are ``StorageError``s."""
-
-    def __init__(self, url: str, body):
-        super().__init__()
-        self.url, self._body = url, body
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        with _errors(self.url):
-            data = self._body.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._body.close()
-        super().close()
-
-
-@contextmanager
-def open_read(path: str | os.PathLike) -> Iterator[IO[bytes]]:
-    """Open a file or object for sequential reading; an object is streamed, not downloaded."""
-    path = os.fspath(path)
-    if not is_url(path):
-        if not os.path.exists(path):
-            raise NotFound(f"{path}: no such file")
-        with open(path, "rb") as stream:
-            yield stream
-        return
-    bucket, key = split_url(path)
-    with _errors(path):
-        body = _client().get_object(Bucket=bucket, Key=key)["Body"]
-    with io.BufferedReader(_ObjectStream(path, body), _STREAM_BUFFER) as stream:
-        yield stream
 
 
 def list_names(root: str | os.PathLike) -> list[str]:
