@@ -64,6 +64,8 @@ class TrainConfig:
     max_batches: int | None = None
     augment: bool = True
     augment_in: str = "auto"
+    flip: bool = DEFAULT["flip"]
+    object_jitter: float = DEFAULT["object_jitter"]
     cache_dir: str | None = None  # s3:// shards' node-local cache; None: pipeline.cache's default
     cache_limit: int | None = None
     # Model

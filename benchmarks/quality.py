@@ -1,7 +1,7 @@
 """Test-set quality of the default recipe on a realistic set built from real photos.
 
 Usage: ``python -m benchmarks.quality [--assets DIR] [--json P] [--seed N] [--repeat N]
-[-- TRAIN_ARGS...]``
+[--sweep N,N,...] [-- TRAIN_ARGS...]``
 
 Builds a grey dataset deterministically from ``--seed`` with ``sharding.synth --assets``
 (100 real office backgrounds, 9 real cut-outs, 1 placement: 1,200 train and 600 test
@@ -16,6 +16,14 @@ stops with one line on stderr and exit code 1, as the project's CLIs do for miss
 Goals: test IoU >= 0.90 and depth SSIM >= 0.93 within 750K parameters, far above the floor,
 in at most 300 s of training (train.py's timings.csv: steps and data wait; evaluation apart).
 With ``--repeat N`` it trains N seeds on the same data and judges the goals on the means.
+
+``--sweep 6,20,100`` is the foreground-diversity sweep: one dataset per number of
+foregrounds, each with about ``--sweep-samples`` (1,200) training samples (backgrounds x 2
+flips x placements per training foreground, at most 30 backgrounds) and a third of the
+foregrounds kept for the test split, unseen. Few foregrounds is the hard case: the network
+can learn the few objects' shapes instead of what changed between bg and fg_bg. Its goals,
+on the means over ``--repeat`` seeds at every point: IoU >= floor + 0.03, IoU >= 0.90 where
+the floor is >= 0.85, depth SSIM >= 0.93 and training <= 300 s.
 Without ``--work`` the zips, shards and runs live in a temporary directory that is removed at
 the end, paths train.py printed included; the last line says so, and ``--json`` keeps the results.
 """
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -48,6 +57,11 @@ DEFAULT_ASSETS = ROOT.parent / "shared" / "eva-assets"
 # The no-learning floor: grey levels (0-255) by which fg_bg must differ from bg.
 PIXEL_DIFF_THRESHOLD = 12
 GOALS = {"iou": 0.90, "depth_ssim": 0.93, "params": 750_000, "train_s": 300.0}
+# The sweep's goals: IoU this far above the floor at every point, and GOALS["iou"] wherever
+# the floor itself reaches HIGH_FLOOR.
+SWEEP_MARGIN = 0.03
+HIGH_FLOOR = 0.85
+SWEEP_MAX_BACKGROUNDS = 30  # the hidden few-foreground set's; placements make up the rest
 METRICS = ("iou", "dice", "depth_ssim", "depth_rmse", "depth_mae")
 
 
@@ -85,11 +99,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="placements per foreground, background and flip (--backgrounds 20 --placements 5 "
         "also gives 1,200 train samples, each background seen 60 times instead of 12)",
     )
+    p.add_argument(
+        "--sweep",
+        type=foreground_counts,
+        help="N,N,...: the foreground-diversity sweep, one dataset per number of foregrounds "
+        "(e.g. 6,20,100); sets --foregrounds, --backgrounds and --placements per point",
+    )
+    p.add_argument(
+        "--sweep-samples",
+        type=positive_int,
+        default=1200,
+        help="training samples per point of the sweep (about: whole backgrounds x placements)",
+    )
     p.add_argument("--epochs", type=int, default=4, help="training epochs")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     args = p.parse_args(argv)
     args.train_args = train_args
     return args
+
+
+def foreground_counts(text: str) -> tuple[int, ...]:
+    """argparse type: comma-separated foreground counts, each at least 3 (one per batch)."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list like 6,20,100") from None
+    if not counts or min(counts) < 3:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: each point needs at least 3 foregrounds (2 batches train, 1 tests)"
+        )
+    return counts
+
+
+def sweep_point(foregrounds: int, train_samples: int) -> dict[str, int]:
+    """The synth settings of one sweep point: about ``train_samples`` training samples from
+    the training batches' foregrounds, each on every background, flipped and not, at
+    ``placements`` spots; as many backgrounds as fit under SWEEP_MAX_BACKGROUNDS."""
+    split = SynthConfig(out="", batches=3, foregrounds=foregrounds).fg_split()
+    train_fg = sum(len(ids) for ids in split[:-1])
+    per_fg = max(1.0, train_samples / (2 * train_fg))  # backgrounds x placements
+    placements = math.ceil(per_fg / SWEEP_MAX_BACKGROUNDS)
+    backgrounds = max(1, round(per_fg / placements))
+    return {"foregrounds": foregrounds, "backgrounds": backgrounds, "placements": placements}
 
 
 def build_dataset(args: argparse.Namespace, work: Path) -> Path:
@@ -209,6 +260,65 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
+def sweep_goals(point: dict[str, Any]) -> dict[str, bool]:
+    """One sweep point's goals, on its means over seeds."""
+    iou, floor = point["test"]["iou"], point["pixel_difference_floor"]["iou"]
+    return {
+        "above_floor": iou >= floor + SWEEP_MARGIN,
+        "iou_where_floor_high": floor < HIGH_FLOOR or iou >= GOALS["iou"],
+        "depth_ssim": point["test"]["depth_ssim"] >= GOALS["depth_ssim"],
+        "params": point["params"] <= GOALS["params"],
+        "train_s": point["train_s"] <= GOALS["train_s"],
+    }
+
+
+def run_sweep(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """``run_benchmark`` at each point of ``--sweep``; the JSON payload of the sweep."""
+    load_before = load_average()[0]
+    points = []
+    for foregrounds in args.sweep:
+        settings = sweep_point(foregrounds, args.sweep_samples)
+        print(f"\n== sweep point: {settings} ==", flush=True)
+        point = run_benchmark(
+            argparse.Namespace(**{**vars(args), **settings}), work / f"fg{foregrounds}"
+        )
+        point["sweep_goals_met"] = sweep_goals(point)
+        points.append(point)
+    machine = points[0]["machine"]
+    return {
+        "machine": {**machine, "load_1min": [load_before, load_average()[0]]},
+        "config": {k: v for k, v in vars(args).items() if k != "json"},
+        "points": points,
+        "goals": {**GOALS, "margin_over_floor": SWEEP_MARGIN, "high_floor": HIGH_FLOOR},
+        "goals_met": all(all(p["sweep_goals_met"].values()) for p in points),
+    }
+
+
+def print_sweep(payload: dict[str, Any]) -> None:
+    """The sweep's table: one row per point, the floor beside the model."""
+    print(
+        f"\nforeground sweep ({len(payload['points'][0]['runs'])} seeds a point; IoU and SSIM "
+        "are means, [min, max] over seeds):"
+    )
+    print("  fg  train/test samples  floor IoU  IoU                    SSIM   training  goals")
+    for point in payload["points"]:
+        cfg, test, rng = point["config"], point["test"], point["test_range"]["iou"]
+        samples = point["samples"]
+        missed = [k for k, v in point["sweep_goals_met"].items() if not v]
+        print(
+            f"{cfg['foregrounds']:4d}  {samples['train']:5d} / {samples['test']:<5d}"
+            f"       {point['pixel_difference_floor']['iou']:.3f}      "
+            f"{test['iou']:.3f} [{rng[0]:.3f}, {rng[1]:.3f}]  {test['depth_ssim']:.3f}  "
+            f"{point['train_s']:5.0f} s   {'met' if not missed else 'MISSED ' + ', '.join(missed)}"
+        )
+    print(
+        f"goals at every point: IoU >= floor + {SWEEP_MARGIN}, IoU >= {GOALS['iou']} where the "
+        f"floor >= {HIGH_FLOOR}, SSIM >= {GOALS['depth_ssim']}, training <= "
+        f"{GOALS['train_s']:.0f} s: {'met' if payload['goals_met'] else 'MISSED'}; load average "
+        f"{payload['machine']['load_1min'][0]} -> {payload['machine']['load_1min'][1]}"
+    )
+
+
 def print_report(payload: dict[str, Any]) -> None:
     """The figures a reader compares with README.md and benchmarks/RESULTS.md."""
     test, floor, runs = payload["test"], payload["pixel_difference_floor"], payload["runs"]
@@ -241,18 +351,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.quality: error: {problem}", file=sys.stderr)
         return 1
     removed = None
+    measure = run_sweep if args.sweep else run_benchmark
     try:
         if args.work:
             work = Path(args.work)
             work.mkdir(parents=True, exist_ok=True)
-            payload = run_benchmark(args, work)
+            payload = measure(args, work)
         else:
             with tempfile.TemporaryDirectory(prefix="quality-") as removed:
-                payload = run_benchmark(args, Path(removed))
+                payload = measure(args, Path(removed))
     except (QualityError, LoaderError) as e:
         print(f"benchmarks.quality: error: {e}", file=sys.stderr)
         return 1
-    print_report(payload)
+    (print_sweep if args.sweep else print_report)(payload)
     write_report(args.json, payload)
     if removed:
         # train.py printed its metrics.json, results.png and TensorBoard paths in there.

@@ -38,6 +38,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         skip="add",
         context=True,
         widths=(16, 32, 64, 192, 384),
+        flip=False,
+        object_jitter=0.0,
     ),
     "reference": dict(
         optimizer="sgd",
@@ -59,6 +61,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         skip="concat",
         context=False,
         widths=(16, 32, 64, 128, 256),
+        flip=False,
+        object_jitter=0.0,
     ),
 }
 DEFAULT = RECIPES["default"]

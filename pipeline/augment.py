@@ -18,7 +18,17 @@ import numpy as np
 import torch
 
 from pipeline.config import LoaderConfig
-from pipeline.params import INPUTS, LUMA, MASK_THRESHOLD, Affine, batch_affines, draw_params
+from pipeline.params import (
+    INPUTS,
+    LUMA,
+    MASK_THRESHOLD,
+    Affine,
+    batch_affines,
+    draw_params,
+    draw_sample,
+    sample_augmented,
+)
+from sharding.shard_format import PARTS
 
 NOISE_BANK_SIZE = 1 << 22
 # Samples per chunk on the CPU: ~512K values (2 MB, an L2 cache here) keeps every pass over a
@@ -155,6 +165,29 @@ class _Deinterleaved:
         return self.buffer[: len(part)].copy_(part)
 
 
+def apply_sample(raw: dict[str, torch.Tensor], drawn: dict[str, np.ndarray]) -> dict:
+    """The per-sample geometry and object jitter (``pipeline.params.draw_sample``) on uint8
+    (B, H, W, C) images: the flagged samples mirrored left to right, all four images alike,
+    then fg_bg's pixels inside the (mirrored) mask mapped to ``clip(round(g p + s), 0, 255)``.
+    Returns new tensors; ``raw`` is left as it was."""
+    out = dict(raw)
+    flips = np.flatnonzero(drawn["flip"])
+    if len(flips):
+        rows = torch.from_numpy(flips).to(raw["bg"].device)
+        for part in PARTS:
+            out[part] = raw[part].index_copy(0, rows, raw[part][rows].flip(2))
+    gain, shift = drawn["object_gain"], drawn["object_shift"]
+    if np.any(gain != 1) or np.any(shift != 0):
+        device = raw["fg_bg"].device
+        fg_bg = out["fg_bg"]
+        gain_t = torch.from_numpy(gain.astype(np.float32)).to(device).view(-1, 1, 1, 1)
+        shift_t = torch.from_numpy(shift.astype(np.float32)).to(device).view(-1, 1, 1, 1)
+        jittered = torch.addcmul(shift_t, fg_bg.float(), gain_t).round_().clamp_(0, 255)
+        inside = out["mask"] > MASK_THRESHOLD  # (B, H, W, 1): every channel of the object
+        out["fg_bg"] = torch.where(inside, jittered.to(torch.uint8), fg_bg)
+    return out
+
+
 def finish_batch(
     raw: dict[str, torch.Tensor],
     keys: list[str],
@@ -185,6 +218,8 @@ def _finish_batch(
     bank: torch.Tensor | None,
 ) -> dict:
     channels = raw["bg"].shape[-1]
+    if augment and sample_augmented(cfg):
+        raw = apply_sample(raw, draw_sample(keys, cfg.seed, epoch, cfg))
     affines = batch_affines(keys, cfg.seed, epoch, cfg, channels) if augment else {}
     bank = bank if cfg.noise_std > 0 else None
     batch = {}
@@ -205,10 +240,13 @@ def _finish_batch(
 
 
 def drawn_params(keys: list[str], cfg: LoaderConfig, epoch: int, channels: int) -> dict:
-    """The drawn factors of a batch as {part: {field: tensor (B,)}} (``return_params``)."""
+    """The drawn factors of a batch as {part: {field: tensor (B,)}} (``return_params``); the
+    draws all four images share are under "sample"."""
+    drawn = draw_params(keys, cfg.seed, epoch, cfg, channels)
+    drawn["sample"] = draw_sample(keys, cfg.seed, epoch, cfg)
     return {
         part: {field: torch.from_numpy(np.asarray(v)) for field, v in values.items()}
-        for part, values in draw_params(keys, cfg.seed, epoch, cfg, channels).items()
+        for part, values in drawn.items()
     }
 
 

@@ -35,6 +35,13 @@ class LoaderConfig:
     hue: float = 0.075  # colour data only; fraction of a full turn
     noise_std: float = 0.05  # in [0, 1] pixel units
     noise_prob: float = 0.2
+    # Geometry and the object's own pixels, for training sets with few foregrounds (the
+    # train split only, like the jitter). flip: mirror all four images of half the samples.
+    # object_jitter x: fg_bg's pixels inside the mask become clip(g * p + s), with
+    # g from [1 - x, 1 + x] and s from [-x, x] * 128 grey levels, so that the object's grey
+    # sometimes matches the wall behind it and "changed" is learnt more than "shaped like".
+    flip: bool = False
+    object_jitter: float = 0.0
     # The test split's last partial global batch: "partial" keeps it (split evenly over the
     # ranks, so every sample is evaluated once), "drop" leaves it out. Training always drops
     # it, so that every rank takes the same number of steps.
@@ -83,6 +90,8 @@ class LoaderConfig:
         for name in ("brightness", "contrast", "saturation"):
             if not 0 <= getattr(self, name) < 1:
                 raise LoaderError(f"{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0 <= self.object_jitter < 1:
+            raise LoaderError(f"object_jitter={self.object_jitter} must be in [0, 1)")
         if not 0 <= self.hue <= 0.5:
             raise LoaderError(f"hue={self.hue} must be in [0, 0.5] (a fraction of a turn)")
         if self.noise_std < 0 or not 0 <= self.noise_prob <= 1:

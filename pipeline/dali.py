@@ -25,7 +25,7 @@ import torch
 
 from pipeline.config import LoaderConfig, LoaderError, resolve_threads
 from pipeline.dali_graph import DecoderHints, GraphSpec, loader_graph
-from pipeline.params import augmented_parts, batch_affines, pack
+from pipeline.params import augmented_parts, batch_affines, draw_sample, pack
 from pipeline.samples import SampleTable
 from sharding.shard_format import PARTS
 
@@ -46,6 +46,8 @@ def graph_spec(
         mean=cfg.mean,
         std=cfg.std,
         noise=augment and cfg.noise_std > 0,
+        flip=augment and float_out and cfg.flip,
+        object_jitter=augment and float_out and cfg.object_jitter > 0,
         gpu=cfg.device.startswith("cuda"),
         decoder=DecoderHints(cfg.hw_decoder_load, cfg.decoder_prealloc, cfg.decoder_padding),
     )
@@ -78,7 +80,11 @@ class Feed:
             return tuple(streams)
         keys = self.table.keys_of(indices)
         affines = batch_affines(keys, self.cfg.seed, self.epoch, self.cfg, self.spec.channels)
-        return (*streams, pack(affines, self.spec.augmented))
+        sample = draw_sample(keys, self.cfg.seed, self.epoch, self.cfg)
+        params = pack(affines, self.spec.augmented, sample if self.spec.object_jitter else None)
+        if not self.spec.flip:
+            return (*streams, params)
+        return (*streams, params, sample["flip"].astype(np.int32))
 
 
 class DaliPipeline:

@@ -30,6 +30,11 @@ from pipeline.config import LoaderConfig
 INPUTS = ("bg", "fg_bg")
 TARGETS = ("mask", "depth")
 FIELDS = ("brightness", "contrast", "saturation", "hue", "noise", "noise_offset")
+# Per-sample draws shared by all four images: a mirror and the object's own gain and shift.
+SAMPLE_FIELDS = ("flip", "object_gain", "object_shift")
+_SAMPLE_STREAM = 1000  # above every part's streams, so adding fields moves no earlier draw
+# Grey levels of object shift per unit of object_jitter.
+OBJECT_SHIFT_LEVELS = 128.0
 # Rec. 601 luma weights: the grey level that contrast blends with and saturation keeps.
 LUMA = (0.299, 0.587, 0.114)
 # JPEG blurs a mask's edges; 127 splits the white object from the black background.
@@ -104,6 +109,28 @@ def draw_params(
             "noise_offset": u[5],
         }
     return params
+
+
+def sample_augmented(cfg: LoaderConfig) -> bool:
+    """Whether the config draws per-sample geometry or object jitter (``draw_sample``)."""
+    return cfg.flip or cfg.object_jitter > 0
+
+
+def draw_sample(keys: list[str], seed: int, epoch: int, cfg: LoaderConfig) -> dict[str, np.ndarray]:
+    """The draws that all four images of a sample share: {field: array (B,)}.
+
+    ``flip``: mirror bg, fg_bg, mask and depth left to right (half the samples when
+    ``cfg.flip``). ``object_gain`` and ``object_shift`` (grey levels): fg_bg's pixels inside
+    the mask become ``clip(round(gain * p + shift), 0, 255)`` (1 and 0 without object jitter).
+    """
+    hashes = key_hashes(keys, seed, epoch)
+    u = [_uniform(hashes, _SAMPLE_STREAM + f) for f in range(len(SAMPLE_FIELDS))]
+    x = cfg.object_jitter
+    return {
+        "flip": (u[0] < 0.5) if cfg.flip else np.zeros(len(keys), bool),
+        "object_gain": 1 + x * (2 * u[1] - 1),
+        "object_shift": x * OBJECT_SHIFT_LEVELS * (2 * u[2] - 1),
+    }
 
 
 def colour_matrix(saturation: np.ndarray, hue: np.ndarray) -> np.ndarray:
@@ -181,10 +208,16 @@ def packed_width(channels: int) -> int:
     return channels * channels + 2
 
 
-def pack(affines: dict[str, Affine], parts: tuple[str, ...]) -> np.ndarray:
+OBJECT_WIDTH = 2  # the columns ``pack`` appends for the object jitter: gain, shift
+
+
+def pack(
+    affines: dict[str, Affine], parts: tuple[str, ...], sample: dict[str, np.ndarray] | None = None
+) -> np.ndarray:
     """(B, K) float32: each part's M (column by column), grey weight and noise scale, side by
-    side in ``parts`` order. The DALI graph gets the whole batch's parameters as this one
-    array and slices it on the device (``pipeline.dali_graph``)."""
+    side in ``parts`` order, then (with ``sample``) the object gain and shift. The DALI graph
+    gets the whole batch's parameters as this one array and slices it on the device
+    (``pipeline.dali_graph``)."""
     columns = []
     for part in parts:
         a = affines[part]
@@ -193,4 +226,6 @@ def pack(affines: dict[str, Affine], parts: tuple[str, ...]) -> np.ndarray:
         columns.append(a.matrix.transpose(0, 2, 1).reshape(batch, channels * channels))
         columns.append(a.grey_weight.reshape(batch, 1))
         columns.append(a.noise_scale.reshape(batch, 1))
+    if sample is not None:
+        columns.append(np.stack([sample["object_gain"], sample["object_shift"]], axis=1))
     return np.ascontiguousarray(np.concatenate(columns, axis=1), dtype=np.float32)

@@ -105,6 +105,61 @@ def test_graph_batches_keep_the_torch_path_contract(augment, rgb, tiny_shards, t
 
 
 @needs_dali
+@pytest.mark.parametrize("where", ["dali", "torch"])
+@pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
+def test_flip_and_object_jitter_follow_the_draws(where, rgb, tiny_shards, tiny_shards_rgb):
+    """Flagged samples come out mirrored, all four images alike; the object jitter changes
+    fg_bg inside the mask only, by the drawn gain and shift; the graph and the torch path
+    agree within 1/255 on every part."""
+    data = tiny_shards_rgb if rgb else tiny_shards
+    # No saturation or hue: the colour jitter is then one gain per image, easy to undo.
+    cfg = replace(GRAPH, noise_std=0.0, saturation=0.0, hue=0.0, return_params=True)
+    cfg = replace(cfg, augment_in=where)
+    plain = collect(build_loader(data, "train", cfg))
+    flipped = collect(build_loader(data, "train", replace(cfg, flip=True)))
+    jittered = collect(build_loader(data, "train", replace(cfg, object_jitter=0.5)))
+    both = replace(cfg, flip=True, object_jitter=0.5)
+    if where == "dali":
+        reference = collect(build_loader(data, "train", replace(both, augment_in="torch")))
+        for key, sample in collect(build_loader(data, "train", both)).items():
+            for part in PARTS:
+                scale = cfg.std if part in ("bg", "fg_bg") else 1.0
+                assert (sample[part] - reference[key][part]).abs().max() * scale < 1 / 255
+    mirrored = 0
+    for key, sample in flipped.items():
+        flip = bool(sample["params"]["sample"]["flip"])
+        mirrored += flip
+        for part in PARTS:
+            expected = plain[key][part].flip(-1) if flip else plain[key][part]
+            assert torch.equal(sample[part], expected), (key, part, flip)
+    assert 0 < mirrored < len(flipped)
+    levels = collect(build_loader(data, "train", replace(cfg, augment=False)))
+    low, high = -cfg.mean / cfg.std, (1 - cfg.mean) / cfg.std
+    changed = 0
+    for key, sample in jittered.items():
+        inside = plain[key]["mask"].bool().expand_as(sample["fg_bg"])
+        assert torch.equal(sample["bg"], plain[key]["bg"]) and torch.equal(
+            sample["mask"], plain[key]["mask"]
+        )
+        # Outside the object only contrast's blend with the image's mean grey moves: by one
+        # constant, since the object's new pixels moved that mean (where nothing is clipped).
+        unclipped = (plain[key]["fg_bg"] > low + 0.1) & (plain[key]["fg_bg"] < high - 0.1)
+        outside = (sample["fg_bg"] - plain[key]["fg_bg"])[~inside & unclipped]
+        assert outside.max() - outside.min() < 1e-4, key
+        drawn, colour = sample["params"]["sample"], sample["params"]["fg_bg"]
+        gain = float(colour["brightness"] * colour["contrast"])
+        moved = (sample["fg_bg"] - plain[key]["fg_bg"] - outside.mean()) * cfg.std * 255 / gain
+        before = (levels[key]["fg_bg"] * cfg.std + cfg.mean) * 255  # grey levels, unaugmented
+        g, s = float(drawn["object_gain"]), float(drawn["object_shift"])
+        free = inside & (before * g + s > 1) & (before * g + s < 254)
+        free &= (sample["fg_bg"] > low) & (sample["fg_bg"] < high) & unclipped
+        if free.any():
+            changed += 1
+            assert (moved - (before * (g - 1) + s))[free].abs().max() < 1.5, key
+    assert changed > len(jittered) // 2
+
+
+@needs_dali
 @pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
 def test_graph_and_torch_path_add_noise_to_the_same_samples(rgb, tiny_shards, tiny_shards_rgb):
     data = tiny_shards_rgb if rgb else tiny_shards
@@ -364,13 +419,17 @@ def test_each_rank_keeps_its_share_of_the_test_split(tiny_shards):
 @needs_dali
 @pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
 @pytest.mark.parametrize("augment_targets", [False, True], ids=["inputs", "targets"])
-def test_gpu_train_graph_has_few_cpu_operators(rgb, augment_targets):
+@pytest.mark.parametrize("flip", [False, True], ids=["", "flip"])
+def test_gpu_train_graph_has_few_cpu_operators(rgb, augment_targets, flip):
     """The GPU graph, counted by operator device without a GPU: the feed's outputs are the
-    only CPU operators (4 JPEG streams and the parameters), decoding is mixed, the rest GPU."""
+    only CPU operators (4 JPEG streams, the parameters and, with flip, the flags), decoding
+    is mixed, the rest GPU."""
     from pipeline import dali
     from pipeline.dali_graph import cpu_operator_count, loader_graph
 
-    cfg = LoaderConfig(device="cuda", augment_targets=augment_targets)
+    cfg = LoaderConfig(
+        device="cuda", augment_targets=augment_targets, flip=flip, object_jitter=0.3 * flip
+    )
     sizes = {"bg": (160, 160), "fg_bg": (160, 160), "mask": (160, 160), "depth": (80, 80)}
     for float_out in (True, False):
         spec = dali.graph_spec(cfg, 3 if rgb else 1, sizes, float_out=float_out, augment=True)
@@ -378,7 +437,7 @@ def test_gpu_train_graph_has_few_cpu_operators(rgb, augment_targets):
             feed=lambda: None, spec=spec, batch_size=512, num_threads=1, device_id=0, seed=0
         )
         counts = cpu_operator_count(pipe)
-        assert counts["cpu"] == 4 + int(float_out) <= 10, counts
+        assert counts["cpu"] == 4 + int(float_out) * (1 + flip) <= 10, counts
         assert counts["mixed"] == 4, counts  # nvJPEG / hardware decoding
         assert counts.get("gpu", 0) > 0 if float_out else "gpu" not in counts, counts
     cpu_spec = dali.graph_spec(LoaderConfig(), 3 if rgb else 1, sizes, True, augment=True)

@@ -31,7 +31,7 @@ def stand_in_assets(tmp_path_factory):
         bg = np.broadcast_to((ramp[None, :, None] + 10 * i), (160, 160, 3)).astype(np.uint8)
         Image.fromarray(bg).save(root / "bg" / f"bg{i:03}.jpg")
     yy, xx = np.mgrid[0:80, 0:40]
-    for i in range(3):
+    for i in range(6):
         alpha = (((yy - 40) / 38) ** 2 + ((xx - 20) / 18) ** 2 <= 1) * 255
         rgb = np.full((80, 40, 3), 230 if i % 2 else 10) + rng.integers(0, 5, (80, 40, 3))
         fg = np.dstack([rgb, alpha]).astype(np.uint8)
@@ -89,6 +89,43 @@ def test_benchmark_runs_end_to_end_and_writes_json(stand_in_assets, tmp_path):
     assert all(path.startswith(f"{removed}/") for path in printed), (removed, printed)
     assert not Path(removed).exists() and f"the results are in {out};" in lines[-1]
     assert "pixel-difference floor" in result.stdout and "IoU" in result.stdout
+
+
+def test_sweep_trains_one_point_per_foreground_count(stand_in_assets, tmp_path):
+    out = tmp_path / "sweep.json"
+    result = run_cli(
+        "-m", "benchmarks.quality", "--assets", str(stand_in_assets), "--json", str(out),
+        "--sweep", "3,6", "--sweep-samples", "16", "--epochs", "1", "--batch-size", "4",
+        *TINY_TRAIN, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    points = payload["points"]
+    assert [p["config"]["foregrounds"] for p in points] == [3, 6]
+    # 3: one training foreground per batch on 4 backgrounds; 6: two per batch on 2.
+    assert [p["config"]["backgrounds"] for p in points] == [4, 2]
+    assert [p["samples"] for p in points] == [{"train": 16, "test": 8}, {"train": 16, "test": 8}]
+    for point in points:
+        iou, floor = point["test"]["iou"], point["pixel_difference_floor"]["iou"]
+        met = point["sweep_goals_met"]
+        assert met["above_floor"] == (iou >= floor + 0.03)
+        assert met["iou_where_floor_high"] == (floor < 0.85 or iou >= 0.90)
+    assert payload["goals_met"] == all(all(p["sweep_goals_met"].values()) for p in points)
+    rows = [line for line in result.stdout.splitlines() if line[:4].strip() in ("3", "6")]
+    assert len(rows) == 2 and "floor IoU" in result.stdout, result.stdout
+
+
+def test_bad_sweep_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "sweep.json"
+    out.write_text("kept")
+    result = run_cli("-m", "benchmarks.quality", "--sweep", "2,20", "--json", str(out))
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith("'2,20': each point needs at least 3 foregrounds (2 batches train, 1 tests)")
+    )
+    assert out.read_text() == "kept"
 
 
 def test_missing_assets_is_one_line_and_exit_1(tmp_path):

@@ -37,6 +37,8 @@ def build_loaders(cfg: Any, rt: Runtime) -> tuple[Any, Any, LoaderConfig]:
         seed=cfg.seed,
         augment=cfg.augment,
         augment_in=cfg.augment_in,
+        flip=cfg.flip,
+        object_jitter=cfg.object_jitter,
         cache_dir=cfg.cache_dir,
         cache_limit=cfg.cache_limit,
     )

@@ -96,6 +96,17 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--depth-l1-weight", type=float, help="weight of depth L1")
     g.add_argument("--depth-grad-weight", type=float, help="weight of depth gradient L1")
     g.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="training: mirror all four images of half the samples",
+    )
+    g.add_argument(
+        "--object-jitter",
+        type=float,
+        help="training: X in [0, 1); fg_bg's pixels inside the mask get a gain from [1-X, 1+X] "
+        "and a shift from [-X, X] * 128 grey levels, so the object sometimes matches the wall",
+    )
+    g.add_argument(
         "--depth-aux-weight",
         type=float,
         help="deep supervision: above 0 adds depth heads on the coarser decoder levels "
