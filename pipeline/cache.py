@@ -1,17 +1,35 @@
 """The node-local shard cache: remote shards fetched whole, once per node, verified, read locally.
 
 Both loaders read samples by offset from memory-mapped tars (``pipeline.samples``), so a
-split on ``s3://`` is made local first: every tar and ``.idx`` of the split is downloaded whole
+split on ``s3://`` is made local: every tar and ``.idx`` of the split is downloaded whole
 (in parallel, large objects in parallel ranged parts), written atomically, and checked against
 the manifest's size and sha256. A fetch is one GET per object (or per part of a large one),
 never one per tar member, and the torch backend's workers read the same local files.
 
+Training starts before the split is local. The manifest and the ``.idx`` files come first
+(they are small, and the sample table is built from them); the tars then arrive in the
+background (``ShardFetch``, ``FETCH_THREADS`` at a time per process, with a progress bar), in
+the order in which this rank's batches first need them, while training runs. Before a batch's
+samples are read, the reader waits until every tar the batch touches is local and verified,
+and a tar is memory-mapped only then. An error of the background fetch (a full disk, a
+damaged object, the network) is raised at the next such wait, as the same one line.
+
+The trade-off: with one global permutation per epoch, the first batch of a large split
+touches nearly as many shards as it has samples, so the time to the first step falls only by
+the share of the split's shards the first batch (and, for DALI, the ``prefetch - 1`` batches it
+reads ahead) does not touch. An order that shuffles within a window of shards (mosaicml's
+``py1e``) would start sooner, at the cost of a less random order; it is not built.
+
 Where: ``--cache-dir``, else ``$MASKDEPTH_CACHE``, else ``~/.cache/maskdepth``; inside it one
 folder per source URL (a hash of it, with the URL written in ``SOURCE``). The ranks of a node
-share it: a file lock makes one of them fetch while the others wait, and then they all find
-every file verified. A verified file gets a stamp (``.<name>.ok``: size, mtime and sha256), so
-later epochs and later runs send no request for it; a file whose size or mtime no longer match
-its stamp is hashed again, and fetched again (with one line saying so) if it changed.
+share it: each object has its own file lock (``.<name>.lock``), held by the process that
+fetches it, so no object is fetched twice; another rank that needs it waits on that lock and
+then finds it verified. The kernel drops the lock of a process that dies, and the next process
+that needs the object fetches it itself. A verified file gets a stamp (``.<name>.ok``: size,
+mtime and sha256), so later epochs and later runs send no request for it; a file whose size or
+mtime no longer match its stamp is hashed again, and fetched again (with one line saying so) if
+it changed. The manifest is copied in once every tar of the split is, so the folder is then a
+dataset directory of its own.
 
 ``cache_limit``: the split must fit, or the loader refuses in one line naming both sizes.
 Clean-up is deleting the folder; nothing else points into it.
@@ -19,16 +37,19 @@ Clean-up is deleting the folder; nothing else points into it.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +64,7 @@ ENV = "MASKDEPTH_CACHE"
 CACHE_DIR_HELP = f"node-local cache of s3:// shards (default: ${ENV} or ~/.cache/maskdepth)"
 FETCH_THREADS = 4
 _HASH_CHUNK = 1 << 22
+_POLL_S = 0.02  # how often a DataLoader worker looks for the stamp of a tar still on its way
 
 
 def default_cache_dir() -> Path:
@@ -76,18 +98,22 @@ class FetchStats:
 
 
 FETCHED = FetchStats()  # everything this process has fetched into any cache
+_STATS_LOCK = threading.Lock()  # the background fetch adds to FETCHED from its threads
 
 
-def localize(
-    objects: list[Remote],
-    origin: str,
-    cache_dir: str | os.PathLike | None = None,
-    cache_limit: int | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, str], FetchStats]:
-    """{url: local path} for every object, fetching what the cache lacks; and what it sent."""
+def _count(stats: FetchStats, objects: int = 0, size: int = 0, refetched: int = 0) -> None:
+    with _STATS_LOCK:
+        for counter in (stats, FETCHED):
+            counter.objects += objects
+            counter.bytes += size
+            counter.refetched += refetched
+
+
+def open_folder(
+    origin: str, cache_dir: str | os.PathLike | None, needed: int, cache_limit: int | None
+) -> Path:
+    """The cache folder of ``origin``, created, once ``needed`` bytes fit in ``cache_limit``."""
     folder = cache_folder(cache_dir, origin)
-    needed = sum(o.bytes or 0 for o in objects)  # the tars; an index is a small fraction
     if cache_limit is not None and needed > cache_limit:
         raise LoaderError(
             f"{origin}: the split needs {needed:,} bytes of cache but --cache-limit is "
@@ -98,49 +124,346 @@ def localize(
         (folder / "SOURCE").write_text(origin + "\n")
     except OSError as exc:
         raise LoaderError(f"{folder}: cannot create the shard cache ({exc.strerror})") from None
-    local = {o.url: str(folder / os.path.basename(o.url)) for o in objects}
+    return folder
+
+
+def localize(
+    objects: list[Remote], folder: Path, progress: bool = True
+) -> tuple[dict[str, str], FetchStats]:
+    """{url: local path} for every object, fetching now, in parallel, what the cache lacks."""
+    local = {o.url: folder / os.path.basename(o.url) for o in objects}
     stats = FetchStats()
-    with _locked(folder):  # one rank of the node fetches; the others then find it all here
-        missing = [o for o in objects if not _verified(o, Path(local[o.url]), stats)]
-        if missing:
-            _fetch_all(missing, local, stats, progress)
-    return local, stats
+    missing = [o for o in objects if not _stamped(local[o.url])]
+    if missing:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=sum(o.bytes or 0 for o in missing) or None,
+            unit="B",
+            unit_scale=True,
+            desc=f"fetching {len(missing)} files to the cache",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        with bar, ThreadPoolExecutor(FETCH_THREADS) as pool:
+            list(pool.map(lambda o: _make_local(o, local[o.url], stats, bar.update), missing))
+    return {url: str(path) for url, path in local.items()}, stats
 
 
-@contextmanager
-def _locked(folder: Path) -> Iterator[None]:
-    with open(folder / ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+def local_shards(
+    shards, origin: str, cache_dir=None, cache_limit=None, progress=True, manifest=None
+):
+    """The same shards (``pipeline.source.Shard``) with local paths, and the ``ShardFetch``
+    that brings their tars into the cache in the background; the ``.idx`` files are local on
+    return. ``manifest`` (the dict read from ``origin``) is copied beside the tars once they
+    are all there, so that the cache folder is then a dataset directory of its own."""
+    folder = open_folder(origin, cache_dir, sum(s.bytes or 0 for s in shards), cache_limit)
+    indexes, _ = localize([Remote(s.index) for s in shards if s.index], folder, progress)
+    out = [replace(s, path=str(folder / os.path.basename(s.path))) for s in shards]
+    out = [replace(s, index=indexes[s.index]) if s.index else s for s in out]
+
+    def copy_manifest() -> None:
+        if manifest is not None:
+            write_json(folder / MANIFEST, manifest)
+
+    tars = [Remote(s.path, s.bytes, s.sha256) for s in shards]
+    fetch = ShardFetch(tars, [Path(s.path) for s in out], progress, when_done=copy_manifest)
+    return out, fetch
+
+
+class ShardFetch:
+    """The tars of one split, arriving in the cache in the background, most needed first.
+
+    ``wait(numbers)`` blocks until those tars (numbered in the manifest's order) are local and
+    verified, or raises the fetch's error. In the process that made it, it waits on the
+    fetching threads; in another one (a DataLoader worker) it looks for each tar's stamp on
+    disk, and gives up when the fetch has failed.
+    """
+
+    def __init__(
+        self,
+        tars: list[Remote],
+        paths: list[Path],
+        progress: bool = True,
+        when_done: Callable[[], None] | None = None,
+    ):
+        self.tars, self.paths = tars, [str(p) for p in paths]
+        self.error: LoaderError | None = None
+        self.stats = FetchStats()
+        self._owner = os.getpid()
+        # Seen by forked DataLoader workers, which cannot see this process's threads.
+        self._failed = multiprocessing.RawValue("b", 0)
+        self._ready = {n for n, p in enumerate(paths) if _stamped(p)}
+        self._pending = [n for n in range(len(tars)) if n not in self._ready]
+        self._cancelled = False
+        self._busy = 0
+        self._when_done = when_done
+        self._bar = None
+        if not self._pending:
+            self._finish()
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=sum(tars[n].bytes or 0 for n in self._pending) or None,
+            unit="B",
+            unit_scale=True,
+            desc=f"fetching {len(self._pending)} shards to the cache",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        _scheduler().add(self)
+
+    def __getstate__(self) -> dict:
+        # A worker started by spawn or forkserver gets what the disk wait needs, no threads.
+        return {
+            "paths": self.paths,
+            "_owner": self._owner,
+            "_failed": self._failed,
+            "_ready": set(self._ready),
+            "error": None,
+        }
+
+    @property
+    def complete(self) -> bool:
+        """True once every tar is local and verified."""
+        return len(self._ready) == len(self.paths)
+
+    def is_ready(self, number: int) -> bool:
+        """True when tar ``number`` is local and verified (in this process's view)."""
+        return number in self._ready
+
+    def prioritise(self, numbers: Iterable[int], first: bool = True) -> None:
+        """Fetch these tars next, in this order, the rest after them; ``first``: before the
+        tars of every other fetch of this process (the epoch being read goes first)."""
+        sched = _scheduler()
+        with sched.cond:
+            pending = set(self._pending)
+            wanted = list(dict.fromkeys(n for n in numbers if n in pending))
+            chosen = set(wanted)
+            self._pending = wanted + [n for n in self._pending if n not in chosen]
+            if first and self in sched.fetches:
+                sched.fetches.remove(self)
+                sched.fetches.insert(0, self)
+
+    def wait(self, numbers: Iterable[int]) -> None:
+        """Block until tars ``numbers`` are local and verified; raise the fetch's error."""
+        if self.complete:
+            return
+        numbers = list(numbers)
+        if os.getpid() != self._owner:
+            self._wait_on_disk(numbers)
+            return
+        sched = _scheduler()
+        with sched.cond:
+            while True:
+                if self.error is not None:
+                    raise LoaderError(str(self.error)) from None
+                if all(n in self._ready for n in numbers):
+                    return
+                if self._cancelled:
+                    raise LoaderError(f"{self.paths[0]}: the shard fetch was cancelled")
+                sched.cond.wait()
+
+    def wait_all(self) -> None:
+        """Block until every tar is local and verified."""
+        self.wait(range(len(self.paths)))
+
+    def cancel(self) -> None:
+        """Fetch no more: drop what is pending and abort the downloads in flight."""
+        sched = _scheduler()
+        with sched.cond:
+            self._cancelled = True
+            self._pending.clear()
+            sched.cond.notify_all()
+            if self._busy == 0:
+                self._close_bar()
+
+    def _wait_on_disk(self, numbers: list[int]) -> None:
+        for n in numbers:
+            while n not in self._ready:
+                if _stamped(Path(self.paths[n])):
+                    self._ready.add(n)  # this process's copy
+                elif self._failed.value:
+                    # The process that fetches raises the fetch's own error at its next wait.
+                    raise LoaderError(f"{self.paths[n]}: the background fetch of the cache failed")
+                else:
+                    time.sleep(_POLL_S)
+
+    # --- the fetching threads' side, under the scheduler's lock where it says so
+
+    def _take(self) -> int | None:
+        """The next tar to fetch (under the lock), or None."""
+        if self._cancelled or self.error is not None or not self._pending:
+            return None
+        self._busy += 1
+        return self._pending.pop(0)
+
+    def _run(self, number: int) -> None:
+        """Make tar ``number`` local (outside the lock), then record the outcome."""
+        error = None
         try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            _make_local(self.tars[number], Path(self.paths[number]), self.stats, self._progress)
+        except LoaderError as exc:
+            error = exc
+        except _Cancelled:
+            pass
+        except Exception as exc:  # anything else must reach the waiting reader, not end a thread
+            error = LoaderError(f"{self.tars[number].url}: cannot fetch into the cache ({exc})")
+        sched = _scheduler()
+        with sched.cond:
+            self._busy -= 1
+            if error is not None and self.error is None and not self._cancelled:
+                self.error = error
+                self._failed.value = 1
+                self._pending.clear()
+            elif error is None and not self._cancelled:
+                self._ready.add(number)
+            sched.cond.notify_all()
+            finished = self._busy == 0 and (
+                self.complete or self.error is not None or self._cancelled
+            )
+        if finished:
+            self._close_bar()
+            if self.complete:
+                self._finish()
+
+    def _finish(self) -> None:
+        if self._when_done is None:
+            return
+        try:
+            self._when_done()
+        except OSError as exc:  # the manifest copy only: the tars are all there
+            log.warning("cache: could not copy the manifest beside the shards (%s)", exc)
+
+    def _progress(self, size: int) -> None:
+        if self._cancelled:
+            raise _Cancelled  # aborts the download: its temporary file is removed
+        if self._bar is not None:
+            self._bar.update(size)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class _Cancelled(Exception):
+    """Raised from a download's progress callback to abort it."""
+
+
+class _Scheduler:
+    """The fetching threads of one process, shared by its ``ShardFetch``es: the tars of the
+    first fetch in ``fetches`` go first."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.fetches: list[ShardFetch] = []
+        self.threads = 0
+        self.pid = os.getpid()
+
+    def add(self, fetch: ShardFetch) -> None:
+        with self.cond:
+            self.fetches.append(fetch)
+            while self.threads < FETCH_THREADS:
+                self.threads += 1
+                threading.Thread(target=self._work, name="shard-fetch", daemon=True).start()
+            self.cond.notify_all()
+
+    def _next(self) -> tuple[ShardFetch, int] | None:
+        for fetch in list(self.fetches):
+            number = fetch._take()
+            if number is not None:
+                return fetch, number
+            if not fetch._pending:
+                self.fetches.remove(fetch)  # nothing left to start; its last ones may run on
+        return None
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                task = self._next()
+                if task is None:
+                    self.threads -= 1  # started again by the next add()
+                    return
+            task[0]._run(task[1])
+
+    def stop(self) -> None:
+        """Cancel every fetch (at exit: abort downloads in flight rather than finish them)."""
+        with self.cond:
+            fetches = list(self.fetches)
+        for fetch in fetches:
+            fetch.cancel()
+
+
+_SCHEDULER: _Scheduler | None = None
+
+
+def _scheduler() -> _Scheduler:
+    global _SCHEDULER
+    if _SCHEDULER is None or _SCHEDULER.pid != os.getpid():  # a forked child has no threads
+        _SCHEDULER = _Scheduler()
+    return _SCHEDULER
+
+
+def _stop_at_exit() -> None:
+    if _SCHEDULER is not None and _SCHEDULER.pid == os.getpid():
+        _SCHEDULER.stop()
+
+
+# At exit, abort the downloads in flight before concurrent.futures joins boto3's transfer
+# threads (its hook is registered the same way, earlier, so it runs after this one); a plain
+# atexit hook would run only once every download in flight had finished.
+getattr(threading, "_register_atexit", atexit.register)(_stop_at_exit)
+
+
+def _make_local(obj: Remote, path: Path, stats: FetchStats, progress) -> None:
+    """Fetch ``obj`` into ``path`` unless it is there, verified; under the object's lock, so
+    that a rank that finds another one fetching it waits and then finds it here."""
+    try:
+        lock = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 (the with below)
+    except OSError as exc:
+        raise LoaderError(f"{path.parent}: cannot lock the shard cache ({exc.strerror})") from None
+    with lock:
+        # flock: released when the file closes, or by the kernel when this process dies,
+        # and then the next process that needs the object fetches it itself.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _verified(obj, path, stats):
+            progress(obj.bytes or 0)  # fetched by another rank meanwhile, or already here
+            return
+        size = _fetch(obj, path, progress)
+        _count(stats, objects=1, size=size)
 
 
 def _stamp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.ok")
 
 
-def _verified(obj: Remote, path: Path, stats: FetchStats) -> bool:
-    """True when ``path`` holds ``obj`` as last verified; a changed file is re-hashed."""
+def _stamped(path: Path) -> bool:
+    """True when ``path`` is as it was when last verified (its stamp's size and mtime)."""
     try:
         st = path.stat()
-    except FileNotFoundError:
-        return False
-    try:
         stamp = json.loads(_stamp_path(path).read_text())
     except (OSError, ValueError):
-        stamp = {}
-    if stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns:
+        return False
+    return stamp.get("size") == st.st_size and stamp.get("mtime_ns") == st.st_mtime_ns
+
+
+def _verified(obj: Remote, path: Path, stats: FetchStats) -> bool:
+    """True when ``path`` holds ``obj`` as last verified; a changed file is re-hashed."""
+    if _stamped(path):
         return True
-    if (obj.bytes is None or st.st_size == obj.bytes) and (
+    if not path.exists():
+        return False
+    if (obj.bytes is None or path.stat().st_size == obj.bytes) and (
         obj.sha256 is None or _sha256(path) == obj.sha256
     ):
         _write_stamp(path, obj)
         return True
-    print(f"cache: {path} changed since it was verified; fetching it again", file=sys.stderr)
-    stats.refetched += 1
-    FETCHED.refetched += 1
+    from tqdm import tqdm
+
+    # tqdm.write: on a line of its own, above the download's bar if one is drawn
+    tqdm.write(f"cache: {path} changed since it was verified; fetching it again", sys.stderr)
+    _count(stats, refetched=1)
     return False
 
 
@@ -158,25 +481,6 @@ def _sha256(path: Path) -> str:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fetch_all(objects: list[Remote], local: dict, stats: FetchStats, progress: bool) -> None:
-    from tqdm import tqdm
-
-    total = sum(o.bytes or 0 for o in objects) or None
-    bar = tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        desc=f"fetching {len(objects)} files to the cache",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    with bar, ThreadPoolExecutor(FETCH_THREADS) as pool:
-        for size in pool.map(lambda o: _fetch(o, Path(local[o.url]), bar.update), objects):
-            for counter in (stats, FETCHED):
-                counter.objects += 1
-                counter.bytes += size
 
 
 def _fetch(obj: Remote, path: Path, progress) -> int:
@@ -203,23 +507,3 @@ def _fetch(obj: Remote, path: Path, progress) -> int:
         )
     _write_stamp(path, obj)
     return size
-
-
-def local_shards(
-    shards, origin: str, cache_dir=None, cache_limit=None, progress=True, manifest=None
-):
-    """The same shards (``pipeline.source.Shard``) with local paths, fetched into the cache;
-    ``manifest`` (the dict read from ``origin``) is kept beside them, so that the cache folder
-    is a dataset directory of its own."""
-    objects = []
-    for s in shards:
-        objects.append(Remote(s.path, s.bytes, s.sha256))
-        if s.index:
-            objects.append(Remote(s.index))
-    local, stats = localize(objects, origin, cache_dir, cache_limit, progress)
-    if manifest is not None:
-        write_json(cache_folder(cache_dir, origin) / MANIFEST, manifest)
-    out = [
-        replace(s, path=local[s.path], index=local[s.index] if s.index else None) for s in shards
-    ]
-    return out, stats

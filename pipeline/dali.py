@@ -6,6 +6,9 @@ each into the four JPEG streams of every sample (copied from the memory-mapped t
 padded array per part, ``pipeline.samples``)
 and the batch's packed augmentation parameters (``pipeline.params``), and DALI decodes and
 finishes the batch while earlier ones are consumed (``LoaderConfig.prefetch`` batches ahead).
+While a remote split's tars are still arriving (``pipeline.cache``), the feed waits, in this
+process, for the tars of the batch it is asked for; DALI asks ``prefetch - 1`` batches ahead,
+so the first batch comes once the tars of the first ``prefetch`` batches are local.
 A new epoch is a new plan and a ``reset()``, never a rebuild: the decoders keep their nvJPEG
 state and buffers. An epoch left half-read is drained (at most ``prefetch`` batches already
 queued) before the next one starts. After a DALI error the pipeline is rebuilt.

@@ -6,7 +6,10 @@ slices, so the data a run sees does not depend on how many ranks read it, and a 
 and resume anywhere: ``loader.epoch(e, start)`` yields exactly the rest of epoch e after
 ``start`` samples of its order. Both backends read the same samples through a
 ``pipeline.samples.SampleTable`` (local files; ``s3://`` shards go through the node-local cache,
-``pipeline.cache``), and the DALI pipeline of a split is built once per loader.
+``pipeline.cache``), and the DALI pipeline of a split is built once per loader. A remote split's
+tars arrive in the background in the order this rank's batches first need them (epoch 0 from
+the start once built, then the epoch and start ``epoch`` is asked for), and each batch waits
+only for its own tars, so training starts before the whole split is local.
 
 Where the batches are finished (float cast, normalisation, augmentation) is
 ``LoaderConfig.augment_in``: inside the DALI graph, or in torch (``pipeline.augment``); see
@@ -100,10 +103,11 @@ class Loader:
         )
         self.augment = cfg.augment and split == "train"
         self.augment_in = resolve_augment_in(cfg, backend)
-        self.table = build_table(source.shards)
+        self.table = build_table(source.shards, source.fetch)
         self.total_samples = len(self.table)  # in the split, over all ranks
         self._bank = None
         self._dali = None  # pipeline.dali.DaliPipeline, built on the first epoch
+        self._fetch_in_order(self.batches(0), first=False)  # a fresh run's order, until asked
 
     @property
     def num_samples(self) -> int:
@@ -141,6 +145,7 @@ class Loader:
         batches = self.batches(epoch, start)
         if not batches:
             return
+        self._fetch_in_order(batches, first=True)
         if self.backend == "torch":
             from pipeline import torch_backend
 
@@ -163,6 +168,13 @@ class Loader:
         bank = self._noise_bank() if self.augment else None
         for raw, batch_keys in zip(outputs, keys):
             yield finish_batch(raw, batch_keys, self.cfg, epoch, self.augment, bank)
+
+    def _fetch_in_order(self, batches: list[np.ndarray], first: bool) -> None:
+        """Have the tars still on their way fetched in the order ``batches`` first need them;
+        ``first``: before those of this process's other loaders (the epoch being read)."""
+        fetch = self.source.fetch
+        if fetch is not None and not fetch.complete and batches:
+            fetch.prioritise(self.table.shards_of(np.concatenate(batches)), first=first)
 
     def _pipeline(self):
         if self._dali is None:
@@ -205,15 +217,24 @@ def build_loader(source: str | os.PathLike, split: str, cfg: LoaderConfig) -> Lo
             "pip install nvidia-dali-cuda120, or use augment_in='auto'"
         )
     resolve_augment_in(cfg, backend)  # fail on a bad combination before reading anything
-    data = resolve_source(source, split, cfg.cache_dir, cfg.cache_limit)
-    loader = Loader(data, split, cfg, backend)
+    rank = resolve_rank(cfg)[0]
+    # Remote tars keep arriving in the background; the download's bar is rank 0's.
+    data = resolve_source(
+        source, split, cfg.cache_dir, cfg.cache_limit, prefetch=True, progress=rank == 0
+    )
+    try:
+        loader = Loader(data, split, cfg, backend)
+        if len(loader) == 0:
+            raise LoaderError(
+                f"{data.origin}: split {split!r} has {loader.total_samples} samples, fewer "
+                f"than one global batch of {cfg.batch_size} x {loader.world_size} ranks; "
+                "lower the batch size"
+            )
+    except BaseException:
+        if data.fetch is not None:
+            data.fetch.cancel()  # refused: fetch no more of it
+        raise
     if backend == "dali" and cfg.device == "cpu":
         keep_freed_batch_memory()
-    if len(loader) == 0:
-        raise LoaderError(
-            f"{data.origin}: split {split!r} has {loader.total_samples} samples, fewer than "
-            f"one global batch of {cfg.batch_size} x {loader.world_size} ranks; "
-            "lower the batch size"
-        )
     log.info("%r", loader)
     return loader

@@ -5,7 +5,9 @@ shard order, the numbers ``pipeline.order`` permutes) is four byte ranges in one
 found from the shard's DALI index (``.idx``, the data offset and size of every member) or, for
 a shard without one, by one scan of its tar headers. Reading a sample is then four slices of a
 memory-mapped file: no per-member request and no tar walk per epoch, and any order costs the
-same. Remote shards are made local first (``pipeline.cache``).
+same. Remote shards arrive in the node-local cache in the background (``pipeline.cache``):
+every read waits first until the tars it touches are local and verified (``wait_for``), and a
+tar is memory-mapped only then, never while it is still being written.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class SampleTable:
     offsets: np.ndarray  # (N, 4) int64
     sizes: np.ndarray  # (N, 4) int64
     keys: tuple[str, ...]
+    # pipeline.cache.ShardFetch while remote tars are still arriving, else None
+    fetch: object | None = field(default=None, compare=False, repr=False)
     _maps: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
@@ -50,9 +54,22 @@ class SampleTable:
         """'path: key' of one sample, for messages."""
         return f"{self.paths[self.shard[index]]}: sample {self.keys[index]}"
 
+    def shards_of(self, indices: np.ndarray) -> list[int]:
+        """The tars (numbers into ``paths``) these samples lie in, in order of first use."""
+        shards = self.shard[indices]
+        _, first = np.unique(shards, return_index=True)
+        return shards[np.sort(first)].tolist()
+
+    def wait_for(self, indices: np.ndarray) -> None:
+        """Block until every tar these samples lie in is local and verified (remote shards
+        arrive in the background); raises the fetch's LoaderError if it failed."""
+        if self.fetch is not None and not self.fetch.complete:
+            self.fetch.wait(self.shards_of(indices))
+
     def encoded(self, indices: np.ndarray) -> list[list[np.ndarray]]:
         """The JPEG bytes of these samples, per part (in ``PARTS`` order): uint8 views of the
         memory-mapped tars, valid while this table lives."""
+        self.wait_for(indices)
         shard, offsets, sizes = self.shard[indices], self.offsets[indices], self.sizes[indices]
         maps = [self._bytes(s) for s in shard.tolist()]
         return [
@@ -68,6 +85,7 @@ class SampleTable:
         list of B arrays costs DALI ~6 us of Python per array (~12 ms per batch of 512). A JPEG
         decoder stops at the image's end marker, so the zeros after it are never read.
         """
+        self.wait_for(indices)
         shard, offsets, sizes = self.shard[indices], self.offsets[indices], self.sizes[indices]
         maps = [self._bytes(s) for s in shard.tolist()]
         out = []
@@ -81,7 +99,8 @@ class SampleTable:
 
     def _bytes(self, shard: int) -> np.ndarray:
         """A tar's bytes, memory-mapped: one map per tar and process (a forked DataLoader
-        worker inherits its parent's maps, read-only, and opens the rest itself)."""
+        worker inherits its parent's maps, read-only, and opens the rest itself). Only called
+        after ``wait_for``: a tar still being fetched is never mapped."""
         key = (os.getpid(), shard)
         if key not in self._maps:
             with open(self.paths[shard], "rb") as f:
@@ -90,11 +109,17 @@ class SampleTable:
         return self._maps[key]
 
 
-def build_table(shards) -> SampleTable:
-    """A table over local shards (``pipeline.source.Shard``), from their indexes or tars."""
+def build_table(shards, fetch=None) -> SampleTable:
+    """A table over local shards (``pipeline.source.Shard``), from their indexes or tars;
+    ``fetch`` (a ``pipeline.cache.ShardFetch``) when tars are still arriving: a shard whose
+    index does not name its members is then waited for, to scan its tar."""
     paths, shard_of, offsets, sizes, keys = [], [], [], [], []
     for number, shard in enumerate(shards):
-        samples = _from_index(shard) if shard.index else scan_tar(shard.path)
+        samples = _from_index(shard) if shard.index else None
+        if samples is None:
+            if fetch is not None:
+                fetch.wait([number])
+            samples = scan_tar(shard.path)
         paths.append(shard.path)
         for key, members in samples:
             missing = [ext for ext in IMAGE_EXTS if ext not in members]
@@ -110,6 +135,7 @@ def build_table(shards) -> SampleTable:
         offsets=np.asarray(offsets, dtype=np.int64).reshape(-1, len(PARTS)),
         sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, len(PARTS)),
         keys=tuple(keys),
+        fetch=fetch,
     )
 
 
@@ -120,7 +146,8 @@ def read_member(path: str, offset: int, size: int) -> bytes:
         return f.read(size)
 
 
-def _from_index(shard) -> list[tuple[str, dict]]:
+def _from_index(shard) -> list[tuple[str, dict]] | None:
+    """The samples as the shard's index lists them; None when it names no members."""
     try:
         with open(shard.index, encoding="utf-8") as f:
             entries = parse_index(f.read())
@@ -129,7 +156,7 @@ def _from_index(shard) -> list[tuple[str, dict]]:
             f"{shard.index}: unreadable DALI index ({exc}); rebuild the shards"
         ) from None
     if any(name is None for components in entries for *_, name in components):
-        return scan_tar(shard.path)  # a v1.1 index names no members: the keys are in the tar
+        return None  # a v1.1 index names no members: the keys are in the tar
     samples = []
     for components in entries:
         key = split_member(components[0][3])[0]

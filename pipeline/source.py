@@ -2,7 +2,9 @@
 
 A dataset directory may be an ``s3://bucket/prefix`` and a URL an ``s3://`` brace pattern;
 their shards are made local through the node-local cache (``pipeline.cache``), and a storage
-failure becomes a one-line ``LoaderError``.
+failure becomes a one-line ``LoaderError``. With ``prefetch`` a prefix's tars may still be
+arriving when the source is returned (``DataSource.fetch``); such a tar is checked against its
+index and the manifest's size now, and against the manifest's sha256 when it lands.
 Every check here is cheap (file sizes, tar magic, the index's last offset), so a missing,
 truncated or foreign file fails at ``build_loader`` with its path instead of deep inside a
 DALI worker thread or a DataLoader worker. The manifest, index and member formats come from
@@ -14,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from pipeline.config import LoaderError
 from pipeline.samples import read_member, scan_tar
@@ -60,6 +62,8 @@ class DataSource:
     channels: int  # of bg and fg_bg; mask and depth are always single-channel
     sizes: dict  # part -> (height, width) as stored
     origin: str  # what the user passed, for messages
+    # pipeline.cache.ShardFetch of remote shards (tars perhaps still arriving), else None
+    fetch: object | None = field(default=None, compare=False, repr=False)
 
     @property
     def num_samples(self) -> int:
@@ -71,10 +75,20 @@ def resolve_source(
     split: str,
     cache_dir: str | os.PathLike | None = None,
     cache_limit: int | None = None,
+    prefetch: bool = False,
+    progress: bool = True,
 ) -> DataSource:
     """Resolve a dataset directory or s3:// prefix (with manifest.json), or a brace URL of
-    shards, into checked local shards; remote ones are fetched into the cache first."""
+    shards, into checked local shards; remote ones are fetched into the cache first.
+
+    Args:
+        prefetch: return once an s3:// prefix's indexes are local, its tars still arriving
+            in the background (``DataSource.fetch``; readers wait for them); otherwise
+            return once every tar is local.
+        progress: show the download's progress bar.
+    """
     text = os.fspath(source)
+    fetch = None
     try:
         manifest = None
         if is_shard_pattern(text):
@@ -91,21 +105,41 @@ def resolve_source(
             from pipeline.cache import local_shards
 
             origin = text if manifest is not None else text.rsplit("/", 1)[0]
-            shards, _ = local_shards(shards, origin, cache_dir, cache_limit, manifest=manifest)
+            shards, fetch = local_shards(
+                shards, origin, cache_dir, cache_limit, progress, manifest=manifest
+            )
     except storage.StorageError as exc:
         raise LoaderError(str(exc)) from None
-    checked = []
-    for shard in shards:
+    try:
+        if fetch is not None and not prefetch:
+            fetch.wait_all()
+        checked = [_checked(shard, number, fetch) for number, shard in enumerate(shards)]
+        if sizes is None:
+            channels, sizes = _probe_first_sample(checked[0].path)
+    except BaseException:
+        if fetch is not None:
+            fetch.cancel()  # the source is refused: fetch no more of it
+        raise
+    return DataSource(tuple(checked), channels, sizes, text, fetch)
+
+
+def _checked(shard: Shard, number: int, fetch) -> Shard:
+    """The shard with its sample count, checked; a tar still arriving by its index alone."""
+    if fetch is not None and not fetch.is_ready(number):
+        if shard.index and shard.bytes is not None:
+            # The fetch checks its size and sha256 against the manifest when it lands.
+            samples = _count_by_index(shard.path, shard.index, shard.bytes)
+        else:  # a shard listed by URL has no manifest entry to check it against: wait for it
+            fetch.wait([number])
+            samples = check_shard(shard.path, shard.index)
+    else:
         samples = check_shard(shard.path, shard.index)
-        if shard.samples >= 0 and samples != shard.samples:
-            raise LoaderError(
-                f"{shard.path}: holds {samples} samples but the manifest says {shard.samples}; "
-                "the shard was replaced or the build was interrupted, rebuild it"
-            )
-        checked.append(replace(shard, samples=samples))
-    if sizes is None:
-        channels, sizes = _probe_first_sample(checked[0].path)
-    return DataSource(tuple(checked), channels, sizes, text)
+    if shard.samples >= 0 and samples != shard.samples:
+        raise LoaderError(
+            f"{shard.path}: holds {samples} samples but the manifest says {shard.samples}; "
+            "the shard was replaced or the build was interrupted, rebuild it"
+        )
+    return replace(shard, samples=samples)
 
 
 def is_shard_pattern(text: str) -> bool:

@@ -5,6 +5,11 @@ install (macOS, Windows). Each epoch is this rank's batches of the global order
 (``pipeline.order``); DataLoader workers take whole batches by number, read their samples from
 the memory-mapped tars (``pipeline.samples``), decode them and finish them in torch
 (``pipeline.augment``), and DataLoader returns the batches in order.
+
+While remote tars are still arriving (``pipeline.cache``), a worker waits for the tars of its
+batch by their verified stamps on disk, and the main process waits for them before it takes
+each batch: so an error of the background fetch is raised here, as its own one line, and never
+left to a worker that cannot see the fetching threads.
 """
 
 from __future__ import annotations
@@ -90,8 +95,11 @@ def iterate_epoch(
     )
     device = torch.device(cfg.device)
     try:
-        yield from _to_device(loader, device)
+        yield from _to_device(loader, device, table, batches)
     except LoaderError as exc:
+        if table.fetch is not None and table.fetch.error is not None:
+            # A worker gave up waiting for a tar: the fetch's own line says why.
+            raise LoaderError(str(table.fetch.error)) from None
         # DataLoader re-raises a worker's error with its traceback in the message; keep the
         # error's own last line so the user sees one line naming the file.
         raise LoaderError(str(exc).strip().splitlines()[-1].removeprefix(_QUALNAME)) from None
@@ -100,8 +108,13 @@ def iterate_epoch(
 _QUALNAME = f"{LoaderError.__module__}.{LoaderError.__name__}: "
 
 
-def _to_device(loader: DataLoader, device: torch.device) -> Iterator[dict]:
-    for batch in loader:
+def _to_device(
+    loader: DataLoader, device: torch.device, table: SampleTable, batches: list[np.ndarray]
+) -> Iterator[dict]:
+    iterator = iter(loader)
+    for indices in batches:
+        table.wait_for(indices)  # its tars are local, or the fetch's error is raised here
+        batch = next(iterator)
         if device.type != "cpu":
             batch = {
                 k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
