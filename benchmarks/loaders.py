@@ -13,8 +13,10 @@ decode-ceiling the four JPEG decodes per sample and nothing else, on all cores, 
 decode-ceiling-gpu  DALI's mixed (nvJPEG) decode alone: the dali-gpu ceiling (CUDA only)
 
 With ``--data s3://...`` it also times the node-local cache (``pipeline.cache``): one epoch of
-the default loader from a cold cache (fetching included), again from the warm cache, and from
-the cached files as a local directory, with the requests and bytes each fetched.
+the default loader from a cold cache (fetching included; reading while the tars arrive, and
+"cold-whole": only once every tar is local, as before the background fetch), again from the
+warm cache, and from the cached files as a local directory, with the seconds to the first batch
+and the requests and bytes each fetched, in ``--rounds`` interleaved rounds.
 
 Loaders are timed in interleaved rounds (round-robin, each loader started afresh per round,
 warmed up, then ``--batches`` timed batches), so that a change in the machine's load shows up
@@ -48,10 +50,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from benchmarks.report import cores, load_average, machine_info, missing_dir, write_report
-from pipeline import LoaderConfig, LoaderError, build_loader
+from pipeline import LoaderConfig, LoaderError, build_loader, cache
 from pipeline.cache import CACHE_DIR_HELP
 from pipeline.config import AUGMENT_IN
-from pipeline.loader import dali_available, resolve_augment_in
+from pipeline.loader import Loader, dali_available, resolve_augment_in
 from pipeline.samples import build_table, read_member, scan_tar
 from pipeline.source import DataSource, resolve_source
 from sharding.shard_format import META_EXT, PARTS, image_ext
@@ -341,34 +343,72 @@ def plan(args: argparse.Namespace, data: DataSource, cfg: LoaderConfig, workdir:
 
 
 def remote_epochs(args: argparse.Namespace, cfg: LoaderConfig) -> dict:
-    """One epoch of the default loader from s3:// through a cold and a warm cache, and from
-    the cached files as a local directory: samples/s, and what each fetched."""
-    from pipeline import cache
-
+    """One epoch of the default loader from s3:// through a cold cache (reading while the
+    tars arrive, and, as before that was built, only once the whole split is fetched), the
+    warm cache, and the cached files as a local directory: samples/s, seconds to the first
+    batch, and what each fetched; ``--rounds`` interleaved rounds, medians."""
     backend = "dali" if dali_available() else "torch"
     cfg = replace(cfg, backend=backend)
+    labels = ("cold-whole", "cold", "warm", "local")
+    rounds = {label: [] for label in labels}
+    for r in range(args.rounds):
+        with (
+            tempfile.TemporaryDirectory(prefix="cache-bench-") as whole,
+            tempfile.TemporaryDirectory(prefix="cache-bench-") as folder,
+        ):
+            local = str(cache.cache_folder(folder, args.data))
+            runs = [
+                ("cold-whole", args.data, whole, True),
+                ("cold", args.data, folder, False),
+                ("warm", args.data, folder, False),
+                ("local", local, folder, False),
+            ]
+            if r % 2:  # the two cold ones take turns going first
+                runs[:2] = runs[1::-1]
+            for label, source, cache_dir, whole_first in runs:
+                rounds[label].append(
+                    remote_epoch(source, replace(cfg, cache_dir=cache_dir), whole_first)
+                )
     results = {}
-    with tempfile.TemporaryDirectory(prefix="cache-bench-") as folder:
-        local = str(cache.cache_folder(folder, args.data))
-        for label, source in (("cold", args.data), ("warm", args.data), ("local", local)):
-            before = replace(cache.FETCHED)
-            start = time.perf_counter()
-            loader = build_loader(source, "train", replace(cfg, cache_dir=folder))
-            samples = sum(len(b["key"]) for b in loader.epoch(0))
-            seconds = time.perf_counter() - start
-            results[label] = {
-                "samples_per_s": samples / seconds,
-                "seconds": seconds,
-                "samples": samples,
-                "requests": cache.FETCHED.objects - before.objects,
-                "bytes_fetched": cache.FETCHED.bytes - before.bytes,
-                "backend": backend,
-            }
-            del loader
+    for label in labels:
+        last = rounds[label][-1]
+        results[label] = {
+            "samples_per_s": statistics.median(r["samples"] / r["seconds"] for r in rounds[label]),
+            "seconds": statistics.median(r["seconds"] for r in rounds[label]),
+            "first_batch_s": statistics.median(r["first_batch_s"] for r in rounds[label]),
+            "rounds_first_batch_s": [r["first_batch_s"] for r in rounds[label]],
+            "rounds_seconds": [r["seconds"] for r in rounds[label]],
+            "samples": last["samples"],
+            "requests": last["requests"],
+            "bytes_fetched": last["bytes_fetched"],
+            "backend": backend,
+        }
     local_rate = results["local"]["samples_per_s"]
-    for label in ("cold", "warm"):
+    for label in ("cold-whole", "cold", "warm"):
         results[label]["share_of_local"] = results[label]["samples_per_s"] / local_rate
     return results
+
+
+def remote_epoch(source: str, cfg: LoaderConfig, whole_first: bool) -> dict:
+    """One timed epoch from ``build_loader`` on; ``whole_first``: the loader is built only
+    once every tar is local (the cache before tars were fetched in the background)."""
+    before = replace(cache.FETCHED)
+    start = time.perf_counter()
+    if whole_first:
+        loader = Loader(resolve_source(source, "train", cfg.cache_dir), "train", cfg, cfg.backend)
+    else:
+        loader = build_loader(source, "train", cfg)
+    batches = loader.epoch(0)
+    samples = len(next(batches)["key"])
+    first = time.perf_counter() - start
+    samples += sum(len(b["key"]) for b in batches)
+    return {
+        "samples": samples,
+        "seconds": time.perf_counter() - start,
+        "first_batch_s": first,
+        "requests": cache.FETCHED.objects - before.objects,
+        "bytes_fetched": cache.FETCHED.bytes - before.bytes,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -486,7 +526,8 @@ def print_table(report: dict) -> None:
     for label, r in report.get("remote", {}).items():
         share = f", {100 * r['share_of_local']:.0f}% of local" if "share_of_local" in r else ""
         print(
-            f"s3 {label:<5} cache: {r['samples_per_s']:.0f} samples/s{share}; "
+            f"s3 {label:<5} cache: {r['samples_per_s']:.0f} samples/s{share}, first batch "
+            f"after {r['first_batch_s']:.2f} s; "
             f"{r['requests']} objects, {r['bytes_fetched']:,} bytes fetched"
         )
 

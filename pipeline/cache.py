@@ -22,14 +22,15 @@ reads ahead) does not touch. An order that shuffles within a window of shards (m
 
 Where: ``--cache-dir``, else ``$MASKDEPTH_CACHE``, else ``~/.cache/maskdepth``; inside it one
 folder per source URL (a hash of it, with the URL written in ``SOURCE``). The ranks of a node
-share it: each object has its own file lock (``.<name>.lock``), held by the process that
-fetches it, so no object is fetched twice; another rank that needs it waits on that lock and
-then finds it verified. The kernel drops the lock of a process that dies, and the next process
-that needs the object fetches it itself. A verified file gets a stamp (``.<name>.ok``: size,
-mtime and sha256), so later epochs and later runs send no request for it; a file whose size or
-mtime no longer match its stamp is hashed again, and fetched again (with one line saying so) if
-it changed. The manifest is copied in once every tar of the split is, so the folder is then a
-dataset directory of its own.
+share it: each object has its own file lock (``.<name>.lock``, a POSIX lock, which forked
+DataLoader workers do not inherit), held by the process that fetches it, so no object is
+fetched twice; another rank that needs it waits on that lock and then finds it verified. The
+kernel drops the lock of a process that dies, and the next process that needs the object
+fetches it itself. A verified file gets a stamp (``.<name>.ok``: size, mtime and sha256), so
+later epochs and later runs send no request for it; a file whose size or mtime no longer match
+its stamp is hashed again, and fetched again (with one line saying so) if it changed. The
+manifest is copied in once every tar of the split is, so the folder is then a dataset directory
+of its own.
 
 ``cache_limit``: the split must fit, or the loader refuses in one line naming both sizes.
 Clean-up is deleting the folder; nothing else points into it.
@@ -55,7 +56,7 @@ from pathlib import Path
 
 from pipeline.config import LoaderError
 from sharding import storage
-from sharding.atomic import write_json
+from sharding.atomic import TMP_PREFIX, write_json
 from sharding.shard_format import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -279,6 +280,14 @@ class ShardFetch:
             if self._busy == 0:
                 self._close_bar()
 
+    def close(self) -> None:
+        """Cancel, and return once no download of this fetch is in flight."""
+        self.cancel()
+        sched = _scheduler()
+        with sched.cond:
+            while self._busy:
+                sched.cond.wait()
+
     def _wait_on_disk(self, numbers: list[int]) -> None:
         for n in numbers:
             while n not in self._ready:
@@ -419,19 +428,53 @@ getattr(threading, "_register_atexit", atexit.register)(_stop_at_exit)
 def _make_local(obj: Remote, path: Path, stats: FetchStats, progress) -> None:
     """Fetch ``obj`` into ``path`` unless it is there, verified; under the object's lock, so
     that a rank that finds another one fetching it waits and then finds it here."""
+    with _thread_lock(path):  # a POSIX lock is the process's: one thread of it at a time
+        try:
+            lock = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 (with below)
+        except OSError as exc:
+            raise LoaderError(
+                f"{path.parent}: cannot lock the shard cache ({exc.strerror})"
+            ) from None
+        with lock:
+            # A POSIX (fcntl) lock, not flock: a forked DataLoader worker does not inherit it
+            # (an inherited flock would be held until that worker exits), and the kernel drops
+            # it when this process dies, so the next process that needs the object fetches it.
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            if _verified(obj, path, stats):
+                progress(obj.bytes or 0)  # fetched by another rank meanwhile, or already here
+                return
+            _remove_leftovers(path)
+            size = _fetch(obj, path, progress)
+            _count(stats, objects=1, size=size)
+
+
+_THREAD_LOCKS: tuple[int, threading.Lock, dict] = (-1, threading.Lock(), {})
+
+
+def _thread_lock(path: Path) -> threading.Lock:
+    """This process's lock of one cached object (made afresh in a forked child, where a copy
+    could have been taken while held)."""
+    global _THREAD_LOCKS
+    if _THREAD_LOCKS[0] != os.getpid():
+        _THREAD_LOCKS = (os.getpid(), threading.Lock(), {})
+    _, guard, locks = _THREAD_LOCKS
+    with guard:
+        return locks.setdefault(str(path), threading.Lock())
+
+
+def _remove_leftovers(path: Path) -> None:
+    """Delete what a killed fetch of ``path`` left (``.tmp-<pid>-<name>``): only the holder
+    of the object's lock writes it, and that is now this thread."""
+    suffix = f"-{path.name}"
     try:
-        lock = open(path.with_name(f".{path.name}.lock"), "a")  # noqa: SIM115 (the with below)
-    except OSError as exc:
-        raise LoaderError(f"{path.parent}: cannot lock the shard cache ({exc.strerror})") from None
-    with lock:
-        # flock: released when the file closes, or by the kernel when this process dies,
-        # and then the next process that needs the object fetches it itself.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if _verified(obj, path, stats):
-            progress(obj.bytes or 0)  # fetched by another rank meanwhile, or already here
-            return
-        size = _fetch(obj, path, progress)
-        _count(stats, objects=1, size=size)
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                name = entry.name
+                ours = name.startswith(TMP_PREFIX) and name.endswith(suffix)
+                if ours and name[len(TMP_PREFIX) : -len(suffix)].isdigit():
+                    Path(entry.path).unlink(missing_ok=True)
+    except OSError:
+        pass  # a leftover costs disk space only; the fetch itself reports a real problem
 
 
 def _stamp_path(path: Path) -> Path:

@@ -112,12 +112,17 @@ def _to_device(
     loader: DataLoader, device: torch.device, table: SampleTable, batches: list[np.ndarray]
 ) -> Iterator[dict]:
     iterator = iter(loader)
-    for indices in batches:
-        table.wait_for(indices)  # its tars are local, or the fetch's error is raised here
-        batch = next(iterator)
-        if device.type != "cpu":
-            batch = {
-                k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                for k, v in batch.items()
-            }
-        yield batch
+    try:
+        for indices in batches:
+            table.wait_for(indices)  # its tars are local, or the fetch's error is raised here
+            batch = next(iterator)
+            if device.type != "cpu":
+                batch = {
+                    k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+                    for k, v in batch.items()
+                }
+            yield batch
+    finally:
+        # An error's traceback keeps this frame alive as long as the error is held: stop the
+        # workers now, not whenever that frame is collected.
+        del iterator

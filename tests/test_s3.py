@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -475,3 +476,183 @@ def test_storage_failures_are_one_line_within_seconds(
         one_line_error(result, url, needle, prefix=prefix, alone=False)
         assert time.monotonic() - start < 30, f"{case}: {name} took too long"
     assert not (tmp_path / "run").exists()
+
+
+# --- training starts early: the tars arrive while the loader reads ----------------------------
+
+
+def hold_back_tars(monkeypatch, except_for: str, timeout: float = 30) -> tuple:
+    """Hold every tar download but ``except_for`` (a name) until the returned event is set;
+    the real download from the server follows. Also returns the names whose wait timed out."""
+    real, released, timed_out = storage.download, threading.Event(), []
+
+    def held(url, local, progress=None):
+        name = url.rsplit("/", 1)[-1]
+        if name.endswith(".tar") and name != except_for and not released.wait(timeout):
+            timed_out.append(name)
+        real(url, local, progress=progress)
+
+    monkeypatch.setattr(storage, "download", held)
+    return released, timed_out
+
+
+def cached_tars(cache: Path) -> list[str]:
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    return sorted(p.name for p in folder.glob("*.tar") if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_first_batch_comes_while_the_other_tars_are_still_missing(
+    backend, s3_shards, s3_log, tmp_path, monkeypatch
+):
+    """The test split, in order, 8 samples per tar, batch 4: the first two batches (DALI asks
+    for one ahead) need test-000000.tar alone; the other tars are held back until the first
+    batch is in hand, so a loader that waited for the whole split would meet the timeout."""
+    released, timed_out = hold_back_tars(monkeypatch, except_for="test-000000.tar")
+    cache = tmp_path / "cache"
+    cfg = LoaderConfig(
+        backend=backend, batch_size=4, num_threads=2, rank=0, world_size=1, cache_dir=str(cache)
+    )
+    start = s3_log.stat().st_size
+    loader = build_loader(s3_shards, "test", cfg)
+    keys, present_at_first = [], None
+    for batch in loader.epoch(0):
+        if present_at_first is None:
+            present_at_first = cached_tars(cache)
+            released.set()
+        keys += batch["key"]
+    assert not timed_out and present_at_first == ["test-000000.tar"], present_at_first
+    assert keys == list(loader.table.keys)  # every sample, in order, once the rest arrived
+    assert cached_tars(cache) == [f"test-{i:06d}.tar" for i in range(4)]
+    fetched = tar_gets(s3_log, start)
+    assert len(fetched) == 4 and set(fetched.values()) == {1}, fetched
+
+
+@pytest.mark.parametrize("fault", ["damaged object", "full disk"])
+def test_a_background_fetch_error_is_one_line_and_leaves_the_cache_intact(
+    fault, s3_env, tiny_zips, s3_log, tmp_path, monkeypatch
+):
+    import errno
+
+    from pipeline.cache import _stamped
+    from sharding.atomic import TMP_PREFIX, atomic_path
+
+    url = f"s3://{BUCKET}/fault-{fault.replace(' ', '-')}"
+    build(tiny_cfg(tiny_zips, url), progress=False)
+    victim = f"{url}/train-000002.tar"
+    original, real_download = storage.read_bytes(victim), storage.download
+    if fault == "damaged object":  # replaced on the server after the build
+        damaged = bytearray(original)
+        damaged[5000] ^= 0xFF
+        storage.write_bytes(victim, bytes(damaged))
+        needle = f"{victim}: its sha256 does not match the manifest's"
+    else:
+
+        def fill_disk(source, local, progress=None):
+            if source != victim:
+                return real_download(source, local, progress=progress)
+            with atomic_path(local) as tmp:  # as storage.download writes: a temporary, renamed
+                tmp.write_bytes(b"partial")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(storage, "download", fill_disk)
+        needle = f"the disk is full while caching {victim}; free space or point --cache-dir"
+    cache = tmp_path / "cache"
+    cfg = LoaderConfig(
+        backend="torch", batch_size=4, num_threads=2, rank=0, world_size=1, cache_dir=str(cache)
+    )
+    loader = build_loader(url, "train", cfg)  # the tars arrive while it reads
+    with pytest.raises(LoaderError) as raised:
+        batches(loader)
+    message = str(raised.value)
+    assert "\n" not in message and needle in message, message
+    loader.source.fetch.close()  # nothing in flight any more: the cache is as the error left it
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
+    kept = cached_tars(cache)
+    assert "train-000002.tar" not in kept and all(_stamped(folder / name) for name in kept)
+    if fault == "damaged object":  # and as training reports it: one line, exit 1
+        result = run_cli(
+            "train.py", "--data", url, "--out", str(tmp_path / "run"), "--epochs", "1",
+            "--batch-size", "4", "--loader", "torch", "--num-threads", "1",
+            "--widths", "4,8,16", "--cache-dir", str(tmp_path / "cli-cache"),
+        )  # fmt: skip
+        one_line_error(result, needle, prefix="train.py: error", alone=False)
+        storage.write_bytes(victim, original)
+    else:
+        monkeypatch.setattr(storage, "download", real_download)
+    # mended: the same cache fetches only what it lacks, once each, and reads every sample
+    start = s3_log.stat().st_size
+    assert sum(len(b["key"]) for b in batches(build_loader(url, "train", cfg))) == 32
+    fetched = tar_gets(s3_log, start)
+    missing = {f"train-{i:06d}.tar" for i in range(4)} - set(kept)
+    assert {Path(k).name for k in fetched} == missing and set(fetched.values()) == {1}, fetched
+
+
+# Rank 1 of a node whose every tar download hangs halfway, holding the object's lock.
+HANG_HALFWAY = """
+import sys, time
+from pipeline import LoaderConfig, build_loader
+from sharding import storage
+from sharding.atomic import atomic_path
+real = storage.download
+def download(url, local, progress=None):
+    if not url.endswith(".tar"):
+        return real(url, local, progress=progress)
+    with atomic_path(local) as tmp:
+        tmp.write_bytes(b"partial")
+        print("holding", url, flush=True)
+        time.sleep(600)
+storage.download = download
+cfg = LoaderConfig(backend="torch", batch_size=4, num_threads=0, rank=1, world_size=2,
+                   cache_dir=sys.argv[2])
+for batch in build_loader(sys.argv[1], "test", cfg).epoch(0):
+    pass
+"""
+
+
+def test_a_rank_waiting_on_a_tar_takes_over_when_its_fetcher_dies(
+    s3_shards, s3_log, tmp_path, monkeypatch
+):
+    import fcntl
+
+    from sharding.atomic import TMP_PREFIX
+
+    cache = tmp_path / "cache"
+    start = s3_log.stat().st_size
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    other = subprocess.Popen(
+        [sys.executable, "-c", HANG_HALFWAY, s3_shards, str(cache)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        line = other.stdout.readline()  # it holds a tar's lock, mid-download
+        assert line.startswith("holding"), other.stderr.read()
+        real_lockf, found_busy = fcntl.lockf, []
+
+        def lockf(fd, operation):
+            if operation == fcntl.LOCK_EX:  # see whether this rank is about to wait on the other
+                try:
+                    return real_lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    if not found_busy:
+                        found_busy.append(True)
+                        os.kill(other.pid, signal.SIGKILL)  # the fetcher dies mid-download
+            return real_lockf(fd, operation)
+
+        monkeypatch.setattr(fcntl, "lockf", lockf)
+        cfg = LoaderConfig(
+            backend="torch", batch_size=4, num_threads=2, rank=0, world_size=2,
+            cache_dir=str(cache),
+        )  # fmt: skip
+        assert sum(len(b["key"]) for b in batches(build_loader(s3_shards, "test", cfg))) == 16
+    finally:
+        if other.poll() is None:
+            os.kill(other.pid, signal.SIGKILL)
+        other.communicate(timeout=30)
+    assert found_busy and other.returncode == -signal.SIGKILL
+    fetched = tar_gets(s3_log, start)  # the dead rank's downloads sent no GET; this one's did
+    assert len(fetched) == 4 and set(fetched.values()) == {1}, fetched
+    assert cached_tars(cache) == [f"test-{i:06d}.tar" for i in range(4)]
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
