@@ -439,13 +439,29 @@ def _make_local(obj: Remote, path: Path, stats: FetchStats, progress) -> None:
             # A POSIX (fcntl) lock, not flock: a forked DataLoader worker does not inherit it
             # (an inherited flock would be held until that worker exits), and the kernel drops
             # it when this process dies, so the next process that needs the object fetches it.
-            fcntl.lockf(lock, fcntl.LOCK_EX)
+            _lock_exclusive(lock, path)
             if _verified(obj, path, stats):
                 progress(obj.bytes or 0)  # fetched by another rank meanwhile, or already here
                 return
             _remove_leftovers(path)
             size = _fetch(obj, path, progress)
             _count(stats, objects=1, size=size)
+
+
+def _lock_exclusive(lock, path: Path) -> None:
+    """Wait for the POSIX lock of ``lock``'s file. The kernel treats a process's threads as
+    one owner, so two ranks whose threads each hold one object and wait on the other's look
+    deadlocked to it (EDEADLK) while neither is: wait a moment and ask again."""
+    while True:
+        try:
+            fcntl.lockf(lock, fcntl.LOCK_EX)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EDEADLK:
+                raise LoaderError(
+                    f"{path.parent}: cannot lock the shard cache ({exc.strerror})"
+                ) from None
+        time.sleep(_POLL_S)
 
 
 _THREAD_LOCKS: tuple[int, threading.Lock, dict] = (-1, threading.Lock(), {})
