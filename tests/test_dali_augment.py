@@ -310,7 +310,7 @@ def test_targets_stay_binary_and_in_range_when_augmented(rgb, tiny_shards, tiny_
         depth = moved[key]["depth"]
         assert depth.min() >= 0 and depth.max() <= 1
         assert (depth - plain[key]["depth"]).abs().mean() > 1e-3, key
-        assert set(moved[key]["params"]) == {"bg", "fg_bg", "mask", "depth"}
+        assert set(moved[key]["params"]) == {"bg", "fg_bg", "mask", "depth", "sample"}
         assert moved[key]["params"]["depth"]["saturation"] == 1  # targets are single-channel
 
 

@@ -18,7 +18,7 @@ import torch
 
 from pipeline import LoaderConfig, LoaderError, build_loader, denormalize
 from pipeline.loader import dali_available
-from pipeline.params import colour_matrix, draw_params
+from pipeline.params import SAMPLE_FIELDS, colour_matrix, draw_params
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ["dali", "torch"] if dali_available() else ["torch"]
@@ -153,7 +153,12 @@ def test_drawn_parameters_in_seed_ranges(backend, rgb, tiny_shards, tiny_shards_
     cfg = replace(BASE, backend=backend, return_params=True)
     batch = next(iter(build_loader(data, "train", cfg).epoch(0)))
     params = batch["params"]
-    assert set(params) == {"bg", "fg_bg"}
+    assert set(params) == {"bg", "fg_bg", "sample"}
+    # BASE leaves flip and object jitter off: nothing mirrored, the object's pixels kept
+    assert set(params["sample"]) == set(SAMPLE_FIELDS)
+    assert not params["sample"]["flip"].any()
+    assert (params["sample"]["object_gain"] == 1).all()
+    assert (params["sample"]["object_shift"] == 0).all()
     for part in ("bg", "fg_bg"):
         p = params[part]
         for name in ("brightness", "contrast"):
