@@ -6,7 +6,7 @@ Usage: ``python -m benchmarks.quality [--assets DIR] [--json P] [--seed N] [--re
 Builds a grey dataset deterministically from ``--seed`` with ``sharding.synth --assets``
 (100 real office backgrounds, 9 real cut-outs, 1 placement: 1,200 train and 600 test
 samples; the test split's 3 foregrounds are never seen in training), trains train.py's
-default recipe on it (6 epochs, batch 16, on the CPU unless ``-- --device`` says otherwise)
+default recipe on it (4 epochs, batch 16, on the CPU unless ``-- --device`` says otherwise)
 and prints the test metrics next to a no-learning floor: a pixel is foreground where
 ``|fg_bg - bg|`` exceeds 12 grey levels. Arguments after ``--`` go to train.py and override
 the benchmark's, e.g. ``-- --recipe reference`` for the reference recipe on the same data.
@@ -111,12 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=1200,
         help="training samples per point of the sweep (about: whole backgrounds x placements)",
     )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        default=6,
-        help="training epochs (6: about 230 s of training on 2 CPU cores, under the 300-s goal)",
-    )
+    p.add_argument("--epochs", type=int, default=4, help="training epochs")
     p.add_argument("--batch-size", type=int, default=16, help="training batch size")
     args = p.parse_args(argv)
     args.train_args = train_args
