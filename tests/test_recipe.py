@@ -46,6 +46,15 @@ def test_default_recipe_fills_the_config_and_flags_override():
     assert (cfg.optimizer, cfg.lr, cfg.diff_input) == ("sgd", 0.5, True)
 
 
+def test_few_objects_recipe_is_the_default_with_flips_jitter_and_dice():
+    cfg = train.parse_args(["--data", "d", "--recipe", "few-objects"])
+    assert (cfg.flip, cfg.object_jitter, cfg.dice_weight) == (True, 0.95, 1.0)
+    changed = {k for k, v in RECIPES["default"].items() if getattr(cfg, k) != v}
+    assert changed == {"flip", "object_jitter", "dice_weight"}
+    cfg = train.parse_args(["--data", "d", "--recipe", "few-objects", "--no-flip"])
+    assert (cfg.flip, cfg.object_jitter) == (False, 0.95)
+
+
 def test_cosine_warms_up_then_decays_to_zero():
     schedule = LrSchedule("cosine", total_steps=100, warmup_steps=10, steps_per_epoch=25,
                           lr_step=2, lr_gamma=0.1)  # fmt: skip
