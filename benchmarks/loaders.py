@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from benchmarks.report import cores, load_average, machine_info, missing_dir, write_report
-from pipeline import LoaderConfig, LoaderError, build_loader, cache
+from pipeline import LoaderConfig, LoaderError, build_loader, cache, cache_object
 from pipeline.cache import CACHE_DIR_HELP
 from pipeline.config import AUGMENT_IN
 from pipeline.loader import Loader, dali_available, resolve_augment_in
@@ -392,7 +392,7 @@ def remote_epochs(args: argparse.Namespace, cfg: LoaderConfig) -> dict:
 def remote_epoch(source: str, cfg: LoaderConfig, whole_first: bool) -> dict:
     """One timed epoch from ``build_loader`` on; ``whole_first``: the loader is built only
     once every tar is local (the cache before tars were fetched in the background)."""
-    before = replace(cache.FETCHED)
+    before = replace(cache_object.FETCHED)
     start = time.perf_counter()
     if whole_first:
         loader = Loader(resolve_source(source, "train", cfg.cache_dir), "train", cfg, cfg.backend)
@@ -406,8 +406,8 @@ def remote_epoch(source: str, cfg: LoaderConfig, whole_first: bool) -> dict:
         "samples": samples,
         "seconds": time.perf_counter() - start,
         "first_batch_s": first,
-        "requests": cache.FETCHED.objects - before.objects,
-        "bytes_fetched": cache.FETCHED.bytes - before.bytes,
+        "requests": cache_object.FETCHED.objects - before.objects,
+        "bytes_fetched": cache_object.FETCHED.bytes - before.bytes,
     }
 
 

@@ -537,7 +537,7 @@ def test_a_background_fetch_error_is_one_line_and_leaves_the_cache_intact(
 ):
     import errno
 
-    from pipeline.cache import _stamped
+    from pipeline.cache_object import stamped
     from sharding.atomic import TMP_PREFIX, atomic_path
 
     url = f"s3://{BUCKET}/fault-{fault.replace(' ', '-')}"
@@ -573,7 +573,7 @@ def test_a_background_fetch_error_is_one_line_and_leaves_the_cache_intact(
     (folder,) = [p for p in cache.iterdir() if p.is_dir()]
     assert not [p.name for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
     kept = cached_tars(cache)
-    assert "train-000002.tar" not in kept and all(_stamped(folder / name) for name in kept)
+    assert "train-000002.tar" not in kept and all(stamped(folder / name) for name in kept)
     if fault == "damaged object":  # and as training reports it: one line, exit 1
         result = run_cli(
             "train.py", "--data", url, "--out", str(tmp_path / "run"), "--epochs", "1",
