@@ -75,7 +75,13 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
         "Optimisation", f"Options left out take the --recipe's value. {values}."
     )
-    g.add_argument("--recipe", choices=tuple(RECIPES), default="default", help="preset")
+    g.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default="default",
+        help="preset: default; reference (the reference solution's); few-objects (the default "
+        "with flips, object jitter and soft Dice, for data with few foreground objects)",
+    )
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw: decoupled weight decay")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--momentum", type=float, help="SGD only")
