@@ -22,15 +22,10 @@ reads ahead) does not touch. An order that shuffles within a window of shards (m
 
 Where: ``--cache-dir``, else ``$MASKDEPTH_CACHE``, else ``~/.cache/maskdepth``; inside it one
 folder per source URL (a hash of it, with the URL written in ``SOURCE``). The ranks of a node
-share it: each object has its own file lock (``.<name>.lock``, a POSIX lock, which forked
-DataLoader workers do not inherit), held by the process that fetches it, so no object is
-fetched twice; another rank that needs it waits on that lock and then finds it verified. The
-kernel drops the lock of a process that dies, and the next process that needs the object
-fetches it itself. A verified file gets a stamp (``.<name>.ok``: size, mtime and sha256), so
-later epochs and later runs send no request for it; a file whose size or mtime no longer match
-its stamp is hashed again, and fetched again (with one line saying so) if it changed. The
-manifest is copied in once every tar of the split is, so the folder is then a dataset directory
-of its own.
+share it: each object is fetched under its own lock and stamped once verified
+(``pipeline.cache_object``), so no object is fetched twice, later epochs and runs send no
+request for it, and one that changed is fetched again. The manifest is copied in once every
+tar of the split is, so the folder is then a dataset directory of its own.
 
 ``cache_limit``: the split must fit, or the loader refuses in one line naming both sizes.
 Clean-up is deleting the folder; nothing else points into it.

@@ -2,7 +2,9 @@
 lock, checked against the manifest's size and sha256, and stamped.
 
 A POSIX lock per object (``.<name>.lock``) lets one process of the node fetch it while the
-others wait; the stamp (``.<name>.ok``: size, mtime and sha256) lets later epochs and runs use
+others wait and then find it verified; forked DataLoader workers do not inherit it, and the
+kernel drops the lock of a process that dies, so the next one that needs the object fetches
+it. The stamp (``.<name>.ok``: size, mtime and sha256) lets later epochs and runs use
 it without a request, and a file that no longer matches its stamp is hashed, and fetched
 again with one line if it changed. Every error is one ``LoaderError`` line.
 """
