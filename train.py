@@ -66,6 +66,7 @@ class TrainConfig:
     augment_in: str = "auto"
     flip: bool = DEFAULT["flip"]
     object_jitter: float = DEFAULT["object_jitter"]
+    paired_jitter: bool = DEFAULT["paired_jitter"]
     cache_dir: str | None = None  # s3:// shards' node-local cache; None: pipeline.cache's default
     cache_limit: int | None = None
     # Model

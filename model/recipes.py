@@ -42,6 +42,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         # On by "few-objects"; here they cost depth SSIM on benchmarks.quality's set (below).
         flip=False,
         object_jitter=0.0,
+        paired_jitter=False,
     ),
     "reference": dict(
         optimizer="sgd",
@@ -65,6 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         widths=(16, 32, 64, 128, 256),
         flip=False,
         object_jitter=0.0,
+        paired_jitter=False,
     ),
 }
 # The default plus flips, object jitter and soft Dice, for few training objects: over the

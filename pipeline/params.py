@@ -12,8 +12,9 @@ in torch, ``pipeline.dali_graph`` in the DALI graph on the pipeline's device). T
 approximations: hue is a rotation about the grey axis (see ``colour_matrix``) rather than a
 trip through HSV, and intermediate results are not clipped between the steps.
 
-Each augmented image of each sample draws from its own stream: bg and fg_bg never share
-factors, and the draws of a sample do not depend on its batch, its rank or the backend.
+Each augmented image of each sample draws from its own stream, so bg and fg_bg get different
+factors unless ``paired_jitter`` gives fg_bg bg's (see ``draw_params``); the draws of a sample
+do not depend on its batch, its rank or the backend.
 """
 
 from __future__ import annotations
@@ -93,12 +94,16 @@ def draw_params(
     """Jitter factors, noise flags and noise offsets for each augmented image of each sample.
 
     Returns {part: {field: array (B,)}}; saturation is 1 and hue 0 for single-channel data.
+    With ``cfg.paired_jitter`` fg_bg takes bg's factors and noise flag (its noise values stay
+    its own), so that the two images still differ only where the object is.
     """
     hashes = key_hashes(keys, seed, epoch)
     ones, zeros = np.ones(len(keys)), np.zeros(len(keys))
     params = {}
     for p, part in enumerate(augmented_parts(cfg)):
         u = [_uniform(hashes, p * len(FIELDS) + f) for f in range(len(FIELDS))]
+        if cfg.paired_jitter and part == "fg_bg":  # bg's factors and noise flag, own noise values
+            u[:-1] = [_uniform(hashes, f) for f in range(len(FIELDS) - 1)]
         colour = part_channels(part, channels) == 3
         params[part] = {
             "brightness": 1 + cfg.brightness * (2 * u[0] - 1),

@@ -186,6 +186,41 @@ def test_noise_probability_and_factor_spread():
     assert not np.array_equal(params["bg"]["brightness"], other_epoch["bg"]["brightness"])
 
 
+def test_paired_jitter_gives_fg_bg_the_draws_of_bg():
+    keys = [f"batch1-{i}_{i % 7}_{i % 2}_{i % 3}" for i in range(2000)]
+    apart = draw_params(keys, seed=0, epoch=0, cfg=BASE, channels=3)
+    paired = draw_params(keys, seed=0, epoch=0, cfg=replace(BASE, paired_jitter=True), channels=3)
+    for name in ("brightness", "contrast", "saturation", "hue", "noise"):
+        assert np.array_equal(paired["fg_bg"][name], paired["bg"][name]), name
+        assert not np.array_equal(apart["fg_bg"][name], apart["bg"][name]), name
+        assert np.array_equal(paired["bg"][name], apart["bg"][name]), name  # bg's draws kept
+    # the noise values stay each image's own: differing offsets into the noise
+    assert (paired["fg_bg"]["noise_offset"] != paired["bg"]["noise_offset"]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_paired_jitter_reaches_both_images_in_each_backend(backend, tiny_shards):
+    """Where bg and fg_bg had the same pixels, paired jitter keeps them (nearly) equal; drawn
+    apart, the jitter alone opens a gap of a few grey levels there."""
+    cfg = replace(BASE, backend=backend, return_params=True, noise_prob=0.0)
+    plain = collect(build_loader(tiny_shards, "train", replace(cfg, augment=False)))
+
+    def widest_gap(paired: bool) -> float:
+        loader = build_loader(tiny_shards, "train", replace(cfg, paired_jitter=paired))
+        batch = next(iter(loader.epoch(0)))
+        drawn = batch["params"]
+        assert torch.equal(drawn["bg"]["brightness"], drawn["fg_bg"]["brightness"]) == paired
+        gap = 0.0
+        for i, key in enumerate(batch["key"]):
+            fg_bg, bg = (denormalize(batch[part][i], cfg) for part in ("fg_bg", "bg"))
+            same = denormalize(plain[key]["fg_bg"], cfg) == denormalize(plain[key]["bg"], cfg)
+            gap = max(gap, (fg_bg - bg)[same].abs().max().item())
+        return gap
+
+    # contrast blends with each image's own mean grey, so paired leaves a sliver of a level
+    assert widest_gap(paired=True) < 0.01 < widest_gap(paired=False)
+
+
 def test_noise_is_applied_to_flagged_samples_only(tiny_shards):
     cfg = replace(BASE, backend=BACKENDS[0], return_params=True, brightness=0.0, contrast=0.0)
     flat = collect(build_loader(tiny_shards, "train", replace(cfg, augment=False)))

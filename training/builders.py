@@ -39,6 +39,7 @@ def build_loaders(cfg: Any, rt: Runtime) -> tuple[Any, Any, LoaderConfig]:
         augment_in=cfg.augment_in,
         flip=cfg.flip,
         object_jitter=cfg.object_jitter,
+        paired_jitter=cfg.paired_jitter,
         cache_dir=cfg.cache_dir,
         cache_limit=cfg.cache_limit,
     )

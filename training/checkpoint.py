@@ -34,8 +34,8 @@ RUN_KEYS = (
     "data", "train", "test", "batch_size", "max_batches", "augment", "widths", "diff_input",
     "skip", "context", "recipe", "optimizer", "lr", "momentum", "weight_decay", "schedule",
     "warmup", "cooldown", "lr_step", "lr_gamma", "mask_weight", "dice_weight", "depth_weight",
-    "depth_l1_weight", "depth_grad_weight", "depth_aux_weight", "flip", "object_jitter", "seed",
-    "epochs",
+    "depth_l1_weight", "depth_grad_weight", "depth_aux_weight", "flip", "object_jitter",
+    "paired_jitter", "seed", "epochs",
 )
 # fmt: on
 # What --resume refuses to change: anything that would alter the maths the checkpoint already
@@ -59,6 +59,7 @@ FIELDS_BEFORE = {
     "depth_aux_weight": 0.0,
     "flip": False,
     "object_jitter": 0.0,
+    "paired_jitter": False,
 }
 # The auxiliary depth heads (UNetConfig.aux_depth): training scaffolding, absent at inference.
 AUX_PREFIX = "aux_heads."

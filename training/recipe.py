@@ -113,6 +113,12 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "and a shift from [-X, X] * 128 grey levels, so the object sometimes matches the wall",
     )
     g.add_argument(
+        "--paired-jitter",
+        action=argparse.BooleanOptionalAction,
+        help="training: fg_bg gets bg's colour-jitter factors and noise flag, so that the two "
+        "differ only where the object is (drawn apart, they differ everywhere a little)",
+    )
+    g.add_argument(
         "--depth-aux-weight",
         type=float,
         help="deep supervision: above 0 adds depth heads on the coarser decoder levels "
