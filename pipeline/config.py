@@ -42,9 +42,9 @@ class LoaderConfig:
     # sometimes matches the wall behind it and "changed" is learnt more than "shaped like".
     flip: bool = False
     object_jitter: float = 0.0
-    # paired_jitter: fg_bg gets bg's colour-jitter factors and noise flag (the noise values stay
-    # each image's own). Drawn apart, the two images differ everywhere by a few grey levels,
-    # and the network learns to ignore small differences: objects the grey of their wall.
+    # paired_jitter: fg_bg gets bg's colour-jitter factors and noise, values included. Drawn
+    # apart, the two images differ everywhere by a few grey levels, and the network learns to
+    # ignore small differences: it misses objects the grey of their wall.
     paired_jitter: bool = False
     # The test split's last partial global batch: "partial" keeps it (split evenly over the
     # ranks, so every sample is evaluated once), "drop" leaves it out. Training always drops

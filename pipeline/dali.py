@@ -49,6 +49,7 @@ def graph_spec(
         mean=cfg.mean,
         std=cfg.std,
         noise=augment and cfg.noise_std > 0,
+        paired_noise=cfg.paired_jitter,
         flip=augment and float_out and cfg.flip,
         object_jitter=augment and float_out and cfg.object_jitter > 0,
         gpu=cfg.device.startswith("cuda"),

@@ -94,16 +94,17 @@ def draw_params(
     """Jitter factors, noise flags and noise offsets for each augmented image of each sample.
 
     Returns {part: {field: array (B,)}}; saturation is 1 and hue 0 for single-channel data.
-    With ``cfg.paired_jitter`` fg_bg takes bg's factors and noise flag (its noise values stay
-    its own), so that the two images still differ only where the object is.
+    With ``cfg.paired_jitter`` fg_bg takes bg's draws, noise offset included (the torch path
+    then adds the same noise values to both; the DALI graph shares one normal draw between
+    them), so that the two images still differ only where the object is.
     """
     hashes = key_hashes(keys, seed, epoch)
     ones, zeros = np.ones(len(keys)), np.zeros(len(keys))
     params = {}
     for p, part in enumerate(augmented_parts(cfg)):
         u = [_uniform(hashes, p * len(FIELDS) + f) for f in range(len(FIELDS))]
-        if cfg.paired_jitter and part == "fg_bg":  # bg's factors and noise flag, own noise values
-            u[:-1] = [_uniform(hashes, f) for f in range(len(FIELDS) - 1)]
+        if cfg.paired_jitter and part == "fg_bg":  # bg's draws, its noise values included
+            u = [_uniform(hashes, f) for f in range(len(FIELDS))]
         colour = part_channels(part, channels) == 3
         params[part] = {
             "brightness": 1 + cfg.brightness * (2 * u[0] - 1),

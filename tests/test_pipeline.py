@@ -190,19 +190,25 @@ def test_paired_jitter_gives_fg_bg_the_draws_of_bg():
     keys = [f"batch1-{i}_{i % 7}_{i % 2}_{i % 3}" for i in range(2000)]
     apart = draw_params(keys, seed=0, epoch=0, cfg=BASE, channels=3)
     paired = draw_params(keys, seed=0, epoch=0, cfg=replace(BASE, paired_jitter=True), channels=3)
-    for name in ("brightness", "contrast", "saturation", "hue", "noise"):
+    for name in ("brightness", "contrast", "saturation", "hue", "noise", "noise_offset"):
         assert np.array_equal(paired["fg_bg"][name], paired["bg"][name]), name
         assert not np.array_equal(apart["fg_bg"][name], apart["bg"][name]), name
         assert np.array_equal(paired["bg"][name], apart["bg"][name]), name  # bg's draws kept
-    # the noise values stay each image's own: differing offsets into the noise
-    assert (paired["fg_bg"]["noise_offset"] != paired["bg"]["noise_offset"]).all()
+    # the noise values too: the same offset into the torch path's noise bank
+    assert np.array_equal(paired["fg_bg"]["noise_offset"], paired["bg"]["noise_offset"])
+    assert not np.array_equal(apart["fg_bg"]["noise_offset"], apart["bg"]["noise_offset"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_paired_jitter_reaches_both_images_in_each_backend(backend, tiny_shards):
-    """Where bg and fg_bg had the same pixels, paired jitter keeps them (nearly) equal; drawn
-    apart, the jitter alone opens a gap of a few grey levels there."""
-    cfg = replace(BASE, backend=backend, return_params=True, noise_prob=0.0)
+PATHS = [("torch", "torch")] + ([("dali", "torch"), ("dali", "dali")] if dali_available() else [])
+
+
+@pytest.mark.parametrize(("backend", "where"), PATHS, ids=[f"{b}-{w}" for b, w in PATHS])
+def test_paired_jitter_reaches_both_images_in_each_backend(backend, where, tiny_shards):
+    """Where bg and fg_bg had the same pixels, paired jitter and noise keep them (nearly)
+    equal; drawn apart, the jitter and noise open a gap of several grey levels there."""
+    cfg = replace(
+        BASE, backend=backend, augment_in=where, return_params=True, noise_prob=1.0, seed=1
+    )
     plain = collect(build_loader(tiny_shards, "train", replace(cfg, augment=False)))
 
     def widest_gap(paired: bool) -> float:
