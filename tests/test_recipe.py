@@ -34,6 +34,7 @@ def test_reference_recipe_is_the_reference_solution():
     )
     assert cfg.diff_input is False
     assert (cfg.skip, cfg.context) == ("concat", False)  # the reference's plain UNet
+    assert cfg.paired_jitter is False  # its jitter drew bg and fg_bg apart
 
 
 def test_default_recipe_fills_the_config_and_flags_override():
@@ -44,6 +45,22 @@ def test_default_recipe_fills_the_config_and_flags_override():
     assert cfg == train.TrainConfig(data="d")
     cfg = train.parse_args(["--data", "d", "--recipe", "reference", "--lr", "0.5", "--diff-input"])
     assert (cfg.optimizer, cfg.lr, cfg.diff_input) == ("sgd", 0.5, True)
+
+
+def test_default_recipe_pairs_the_jitter_and_the_loader_gets_it(tiny_shards):
+    from training.builders import build_loaders
+    from training.distributed import Runtime
+
+    rt = Runtime(device=torch.device("cpu"))
+    for argv, paired in (
+        ([], True),
+        (["--no-paired-jitter"], False),
+        (["--recipe", "reference"], False),
+    ):
+        cfg = train.parse_args(["--data", str(tiny_shards), "--batch-size", "4", *argv])
+        assert cfg.paired_jitter is paired
+        *_, loader_cfg = build_loaders(cfg, rt)
+        assert (loader_cfg.paired_jitter, loader_cfg.flip) == (paired, cfg.flip)
 
 
 def test_few_objects_recipe_is_the_default_with_flips_jitter_and_dice():
