@@ -420,15 +420,20 @@ def test_each_rank_keeps_its_share_of_the_test_split(tiny_shards):
 @pytest.mark.parametrize("rgb", [False, True], ids=["gray", "rgb"])
 @pytest.mark.parametrize("augment_targets", [False, True], ids=["inputs", "targets"])
 @pytest.mark.parametrize("flip", [False, True], ids=["", "flip"])
-def test_gpu_train_graph_has_few_cpu_operators(rgb, augment_targets, flip):
+@pytest.mark.parametrize("paired", [False, True], ids=["apart", "paired"])
+def test_gpu_train_graph_has_few_cpu_operators(rgb, augment_targets, flip, paired):
     """The GPU graph, counted by operator device without a GPU: the feed's outputs are the
     only CPU operators (4 JPEG streams, the parameters and, with flip, the flags), decoding
-    is mixed, the rest GPU."""
+    is mixed, the rest GPU; the shared noise of paired jitter is one GPU draw."""
     from pipeline import dali
     from pipeline.dali_graph import cpu_operator_count, loader_graph
 
     cfg = LoaderConfig(
-        device="cuda", augment_targets=augment_targets, flip=flip, object_jitter=0.3 * flip
+        device="cuda",
+        augment_targets=augment_targets,
+        flip=flip,
+        object_jitter=0.3 * flip,
+        paired_jitter=paired,
     )
     sizes = {"bg": (160, 160), "fg_bg": (160, 160), "mask": (160, 160), "depth": (80, 80)}
     for float_out in (True, False):
