@@ -7,10 +7,12 @@ and loss. The table sits here, below both, because the model package may not imp
 training package. Plain values only: no torch, no I/O.
 
 ``default`` is AdamW with a linear warm-up and a cosine decay sized from the run's total
-steps; ``reference`` is the reference solution's recipe exactly: SGD lr 0.01 momentum 0.9,
-StepLR(2 epochs, 0.1), loss ``2 * BCE + (1 - SSIM)``, the plain UNet; ``few-objects`` is the
-default with flips, object jitter and soft Dice, for training sets with few foreground objects.
-The measurements that chose them are in README.md and benchmarks/RESULTS.md.
+steps, with bg and fg_bg jittered alike (``paired_jitter``); ``reference`` is the reference
+solution's recipe exactly: SGD lr 0.01 momentum 0.9, StepLR(2 epochs, 0.1), loss
+``2 * BCE + (1 - SSIM)``, the plain UNet, its jitter drawn apart for bg and fg_bg;
+``few-objects`` is the default with flips, object jitter and soft Dice, for training sets with
+few foreground objects. The measurements that chose them are in README.md and
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         # On by "few-objects"; here they cost depth SSIM on benchmarks.quality's set (below).
         flip=False,
         object_jitter=0.0,
-        # measured: drawn apart, IoU 0.840 at 6 foregrounds, below the floor (RESULTS.md)
+        # measured: sweep IoU 0.916 / 0.928 / 0.940 over 3 seeds; drawn apart, 0.854 at 6
+        # foregrounds (floor 0.849) and 0.942 / 0.934 on benchmarks.quality's set (RESULTS.md)
         paired_jitter=True,
     ),
     "reference": dict(
@@ -70,10 +73,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         paired_jitter=False,
     ),
 }
-# The default plus flips, object jitter and soft Dice, for few training objects: over the
-# foreground-diversity sweep's 3 seeds, IoU 0.883 / 0.896 / 0.901 at 6 / 20 / 100 foregrounds
-# (the default, seed 0: 0.840 / 0.877 / 0.899), but on benchmarks.quality's 100-background set
-# depth SSIM 0.894 and IoU 0.937 over 3 seeds (benchmarks/RESULTS.md).
+# The default plus flips, object jitter and soft Dice, for few training objects. On the
+# foreground-diversity sweep at seed 0, IoU 0.925 / 0.934 / 0.943 at 6 / 20 / 100 foregrounds
+# against the default's 0.918 / 0.931 / 0.941: less than the seeds' spread. Before paired
+# jitter it cost depth SSIM on benchmarks.quality's set (0.894, 3 seeds; benchmarks/RESULTS.md).
 RECIPES["few-objects"] = {
     **RECIPES["default"],
     "dice_weight": 1.0,

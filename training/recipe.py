@@ -79,8 +79,9 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
         "--recipe",
         choices=tuple(RECIPES),
         default="default",
-        help="preset: default; reference (the reference solution's); few-objects (the default "
-        "with flips, object jitter and soft Dice, for data with few foreground objects)",
+        help="preset: default; reference (the reference solution's, jitter drawn apart for bg "
+        "and fg_bg); few-objects (the default with flips, object jitter and soft Dice, for data "
+        "with few foreground objects)",
     )
     g.add_argument("--optimizer", choices=OPTIMIZERS, help="adamw: decoupled weight decay")
     g.add_argument("--lr", type=float, help="peak learning rate")
