@@ -20,7 +20,8 @@ What comes out depends on ``float_out``:
 
 Which samples get noise, and every jitter factor, come from the parameters, so both paths
 agree on them; the noise values themselves are DALI's normals, drawn from the pipeline's seed
-and a generator state that runs on across epochs (the torch path slices a fixed bank instead).
+and a generator state that runs on across epochs (the torch path slices a fixed bank instead),
+one draw for bg and fg_bg together under paired jitter.
 """
 
 from __future__ import annotations
