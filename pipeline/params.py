@@ -102,9 +102,8 @@ def draw_params(
     ones, zeros = np.ones(len(keys)), np.zeros(len(keys))
     params = {}
     for p, part in enumerate(augmented_parts(cfg)):
-        u = [_uniform(hashes, p * len(FIELDS) + f) for f in range(len(FIELDS))]
-        if cfg.paired_jitter and part == "fg_bg":  # bg's draws, its noise values included
-            u = [_uniform(hashes, f) for f in range(len(FIELDS))]
+        stream = 0 if cfg.paired_jitter and part == "fg_bg" else p  # bg is part 0
+        u = [_uniform(hashes, stream * len(FIELDS) + f) for f in range(len(FIELDS))]
         colour = part_channels(part, channels) == 3
         params[part] = {
             "brightness": 1 + cfg.brightness * (2 * u[0] - 1),
