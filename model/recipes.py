@@ -75,8 +75,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # The default plus flips, object jitter and soft Dice, for few training objects. On the
 # foreground-diversity sweep at seed 0, IoU 0.925 / 0.934 / 0.943 at 6 / 20 / 100 foregrounds
-# against the default's 0.918 / 0.931 / 0.941: less than the seeds' spread. Before paired
-# jitter it cost depth SSIM on benchmarks.quality's set (0.894, 3 seeds; benchmarks/RESULTS.md).
+# against the default's 0.918 / 0.931 / 0.941: less than the seeds' spread; and on
+# benchmarks.quality's set depth SSIM 0.916 against 0.950, 3 seeds (benchmarks/RESULTS.md).
 RECIPES["few-objects"] = {
     **RECIPES["default"],
     "dice_weight": 1.0,
