@@ -100,11 +100,11 @@ def decode_and_resize(encoded, output_type, size: int, stored: tuple, spec: Grap
     return images
 
 
-def apply_affine(images, channels: int, mean: float, std: float, params, at: int, noise):
+def apply_affine(images, channels: int, mean: float, std: float, params, at: int, normals=None):
     """uint8 HWC -> float32 HWC = clip(M x + grey(x) w + bias [+ noise]) for one part.
 
-    ``noise``: False for none, True for this part's own N(0, 1) draw, or a DataNode of normals
-    to use instead (the draw bg and fg_bg share under ``paired_noise``).
+    ``normals``: N(0, 1) per pixel, of the images' shape, scaled per sample into the noise;
+    None for no noise.
 
     ``params`` is the batch's packed parameter array on the pipeline's device and ``at`` this
     part's first column in it (``pipeline.params.pack``); ``None`` gives the plain
@@ -127,9 +127,7 @@ def apply_affine(images, channels: int, mean: float, std: float, params, at: int
         means = fn.reductions.mean(images, axes=[0, 1], keep_dims=True, dtype=types.FLOAT)
         means = fn.coord_transform(means, M=list(LUMA))  # (1, 1, 1): the mean grey level
     out = out + means * params[at + c * c] + bias
-    if noise is not False:
-        # N(0, 1) for every pixel, scaled per sample: 0 where a sample draws no noise.
-        normals = fn.random.normal(out) if noise is True else noise
+    if normals is not None:  # scaled per sample: 0 where a sample draws no noise
         out = out + normals * params[at + c * c + 1]
     return dmath.clamp(out, low, high)
 
@@ -156,17 +154,20 @@ def finish(decoded: dict, params, flips, spec: GraphSpec) -> dict:
         columns[part] = at
         at += packed_width(part_channels(part, spec.channels))
     decoded = apply_sample(decoded, params, at, flips, spec)
-    noise = {}
-    if spec.noise and spec.paired_noise and "bg" in columns:  # one draw for both inputs
-        noise = dict.fromkeys(INPUTS, fn.random.normal(decoded["bg"], dtype=types.FLOAT))
+    normals = {}
+    for part in columns if spec.noise else ():
+        shared = spec.paired_noise and part == "fg_bg"  # paired: bg's draw (bg comes first)
+        normals[part] = (
+            normals["bg"] if shared else fn.random.normal(decoded[part], dtype=types.FLOAT)
+        )
     out = {}
     for part in PARTS:
         channels = part_channels(part, spec.channels)
         mean, std = (spec.mean, spec.std) if part in INPUTS else (0.0, 1.0)
         where = columns.get(part)
         part_params = None if where is None else params
-        part_noise = noise.get(part, spec.noise)
-        values = apply_affine(decoded[part], channels, mean, std, part_params, where, part_noise)
+        noise = normals.get(part)
+        values = apply_affine(decoded[part], channels, mean, std, part_params, where, noise)
         if part == "mask":
             binary = values > 0.5 if where is not None else decoded[part] > MASK_THRESHOLD
             values = fn.cast(binary, dtype=types.FLOAT)
