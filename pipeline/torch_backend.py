@@ -14,6 +14,7 @@ left to a worker that cannot see the fetching threads.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 
@@ -111,6 +112,11 @@ _QUALNAME = f"{LoaderError.__module__}.{LoaderError.__name__}: "
 def _to_device(
     loader: DataLoader, device: torch.device, table: SampleTable, batches: list[np.ndarray]
 ) -> Iterator[dict]:
+    if loader.num_workers:
+        # Finalize cyclic garbage here rather than in a forked worker: a dropped DALI pipeline
+        # joins its threads when finalized, and a fork copies none of them (it would hang or
+        # segfault there).
+        gc.collect()
     iterator = iter(loader)
     try:
         for indices in batches:

@@ -283,6 +283,45 @@ def test_same_seed_and_epoch_gives_identical_batches(backend, tiny_shards_rgb):
     assert other_seed != [k for batch in a for k in batch["key"]]
 
 
+DROPPED_DALI = """
+import gc, sys, weakref
+import pipeline.torch_backend as torch_backend
+from pipeline import LoaderConfig, build_loader
+
+cfg = LoaderConfig(batch_size=4, num_threads=2, augment=False, rank=0, world_size=1)
+gc.disable()  # the dropped pipeline waits for whoever collects first
+dali = build_loader(sys.argv[1], "train", LoaderConfig(**{**vars(cfg), "backend": "dali"}))
+list(dali.epoch(0))
+pipe = weakref.ref(dali._dali.pipe)
+cycle = [dali]  # as a held error's traceback would keep it
+cycle.append(cycle)
+del dali, cycle
+assert pipe() is not None, "the pipeline was freed, not left to the collector"
+real_decode, collected = torch_backend.decode, []
+
+def decode(*args):
+    if not collected:  # in each worker, once: what an allocation-triggered collection does
+        collected.append(gc.collect())
+    return real_decode(*args)
+
+torch_backend.decode = decode
+torch = build_loader(sys.argv[1], "train", LoaderConfig(**{**vars(cfg), "backend": "torch"}))
+print(sum(len(b["key"]) for b in torch.epoch(0)), pipe() is None)
+"""
+
+
+@needs_dali
+def test_torch_workers_survive_a_dropped_dali_loader(tiny_shards):
+    """A DALI pipeline left in a reference cycle is finalized before torch forks its workers:
+    finalized in a worker, it would join threads the fork did not copy, and hang or crash."""
+    done = subprocess.run(
+        [sys.executable, "-c", DROPPED_DALI, str(tiny_shards)],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["32", "True"]  # every sample; finalized in the parent
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_split_without_overlap_or_gap(backend, tiny_shards):
     cfg = replace(BASE, backend=backend, augment=False, batch_size=4)
