@@ -285,12 +285,13 @@ def test_same_seed_and_epoch_gives_identical_batches(backend, tiny_shards_rgb):
 
 DROPPED_DALI = """
 import gc, sys, weakref
+from dataclasses import replace
 import pipeline.torch_backend as torch_backend
 from pipeline import LoaderConfig, build_loader
 
 cfg = LoaderConfig(batch_size=4, num_threads=2, augment=False, rank=0, world_size=1)
 gc.disable()  # the dropped pipeline waits for whoever collects first
-dali = build_loader(sys.argv[1], "train", LoaderConfig(**{**vars(cfg), "backend": "dali"}))
+dali = build_loader(sys.argv[1], "train", replace(cfg, backend="dali"))
 list(dali.epoch(0))
 pipe = weakref.ref(dali._dali.pipe)
 cycle = [dali]  # as a held error's traceback would keep it
@@ -305,7 +306,7 @@ def decode(*args):
     return real_decode(*args)
 
 torch_backend.decode = decode
-torch = build_loader(sys.argv[1], "train", LoaderConfig(**{**vars(cfg), "backend": "torch"}))
+torch = build_loader(sys.argv[1], "train", replace(cfg, backend="torch"))
 print(sum(len(b["key"]) for b in torch.epoch(0)), pipe() is None)
 """
 
