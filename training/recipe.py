@@ -116,7 +116,7 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--paired-jitter",
         action=argparse.BooleanOptionalAction,
-        help="training: fg_bg gets bg's colour-jitter factors and noise flag, so that the two "
+        help="training: fg_bg gets bg's colour-jitter factors and noise, so that the two "
         "differ only where the object is (drawn apart, they differ everywhere a little)",
     )
     g.add_argument(
